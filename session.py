@@ -1,0 +1,1406 @@
+"""An editing session for CouchDB: read documents, change them as plain dicts
+and lists, and write every change in one bulk request.
+
+A `Session` wraps a python-couchdb `Database` and behaves like one, with two
+differences: changes to the documents it hands out are tracked for you, and
+nothing is written until `Session.flush()`, which sends every create, change
+and delete in one ``POST /db/_bulk_docs``.
+
+>>> S = Session(db)
+>>> note_id = S.create({'type': 'note', 'owner': {'name': 'bob'}, 'tags': []})
+>>> S.flush()[0][0]
+True
+
+A later request, in a new session:
+
+>>> S = Session(db)
+>>> note = S[note_id]                   # one GET; S[note_id] is note from now on
+>>> note['owner']['name'] = 'ann'       # tracked, at any depth
+>>> note['tags'].append('draft')
+>>> S.diff(note)[0]
+{'op': 'replace', 'path': '/owner/name', 'value': 'ann', 'was': 'bob'}
+>>> results = S.flush()                 # one POST /db/_bulk_docs
+>>> db[note_id]['owner']
+{'name': 'ann'}
+
+Contents:
+
+- `Session`: the Database look-alike; `flush()`, `diff()`, the hooks, and
+  the housekeeping views `new`, `dirty` and `deleted`.
+- `FlushError`: raised by `flush()` when the server refused some documents.
+- The tracked proxies (private): ProxyTypes wrappers around the documents'
+  dicts and lists that tell the session when they change.
+"""
+
+import collections.abc as _abc
+import logging as _logging
+import math as _math
+import uuid as _uuid
+
+from couchdb.client import Document as _Document, Row as _Row
+from couchdb.http import (Forbidden as _Forbidden,
+                          ResourceConflict as _ResourceConflict,
+                          ResourceNotFound as _ResourceNotFound,
+                          ServerError as _ServerError,
+                          Unauthorized as _Unauthorized)
+from peak.util.proxies import ObjectProxy as _ObjectProxy
+from peak.util.proxies import ObjectWrapper as _ObjectWrapper
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'FlushError',
+    'Session',
+]
+
+_logger = _logging.getLogger('session')
+_logger.addHandler(_logging.NullHandler())
+
+
+# -- Exceptions ---------------------------------------------------------------
+
+class FlushError(Exception):
+    """Raised by `Session.flush()` when the server refused some documents.
+
+    What was written is applied (new ``_rev``, clean); what was refused stays
+    pending in the session, unchanged, so a later ``flush()`` retries exactly
+    those documents.
+
+    :ivar results: every ``(success, id, rev_or_exception)`` of the flush
+    :ivar failures: ``{id: exception}`` of the refused documents; a conflict
+                    is a `couchdb.ResourceConflict`
+    """
+
+    def __init__(self, results, failures):
+        self.results = results
+        self.failures = failures
+        reasons = ', '.join('%r (%s)' % (id, _describe(exc))
+                            for id, exc in sorted(failures.items()))
+        Exception.__init__(
+            self, 'The server refused %d document(s): %s. They stay pending '
+            'in the session; deal with the cause and flush() again.'
+            % (len(failures), reasons))
+
+
+def _describe(exc):
+    """``error: reason`` of a python-couchdb exception, for messages."""
+    if exc.args and isinstance(exc.args[0], tuple):
+        return ': '.join(str(part) for part in exc.args[0] if part)
+    return str(exc) or type(exc).__name__
+
+
+# -- The session --------------------------------------------------------------
+
+class Session(object):
+    """An editing session (unit of work) on a python-couchdb `Database`.
+
+    >>> S = Session(db)
+    >>> S['ann'] = {'type': 'person', 'name': 'Ann'}
+    >>> S['ann']['name']
+    'Ann'
+    >>> [ok for ok, id, rev in S.flush()]
+    [True]
+
+    Reads are cached: ``S[id]`` fetches a document once and returns the same
+    object afterwards. Writes are queued: `create`, `save`, `update`,
+    `delete`, ``S[id] = content``, ``del S[id]`` and any change made to a
+    document the session handed out wait for `flush`. Everything else
+    (``S.name``, ``S.info()``, ``S.changes()``, ...) is the wrapped
+    database's own, sent straight to the server.
+
+    :param db: the `couchdb.Database` to work on
+    :param pre_flush_hook: ``hook(session, deleted, created, changed)``
+                           called by `flush` before writing; see
+                           `pre_flush_hook`
+    :param post_flush_hook: called the same way after a write; see
+                            `post_flush_hook`
+    """
+
+    #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
+    #: split into several requests.
+    batch_size = 10000
+
+    #: Most rounds of hook calls in one flush before it gives up.
+    max_hook_rounds = 100
+
+    # The identity map, `_entries`, holds one `_Entry` per id the session
+    # knows: fetched, created, adopted or deleted. `_pending` holds, by id,
+    # the entries a flush must look at (new, dirty or deleted): it is the
+    # only place flush looks, so its cost follows the number of changed
+    # documents, not the number held.
+
+    def __init__(self, db, pre_flush_hook=None, post_flush_hook=None):
+        self.db = db
+        self._pre_flush = pre_flush_hook
+        self._post_flush = post_flush_hook
+        self._entries = {}
+        self._pending = {}
+        self._flushing = False
+
+    def __repr__(self):
+        return '<%s %r: %d held, %d pending>' % (
+            type(self).__name__, self.db.name, len(self._entries),
+            len(self._pending))
+
+    def __getattr__(self, name):
+        # Everything the session does not define is the database's own.
+        if name.startswith('__') or name == 'db':
+            raise AttributeError(name)
+        return getattr(self.db, name)
+
+    # The dict protocol, as couchdb.Database has it.
+
+    def __contains__(self, id):
+        """Whether the document exists, as far as this session is concerned.
+
+        Documents created in the session count, those deleted in it do not;
+        any other id costs a ``HEAD`` request.
+        """
+        entry = self._entries.get(id)
+        if entry is None:
+            return id in self.db
+        return entry.state is not _DELETED
+
+    def __iter__(self):
+        """The ids of the documents on the server (``GET _all_docs``); work
+        pending in the session is not included."""
+        return iter(self.db)
+
+    def __len__(self):
+        """The number of documents on the server (``GET /db``); work
+        pending in the session is not counted."""
+        return len(self.db)
+
+    def __bool__(self):
+        """Whether the database exists (``HEAD /db``)."""
+        return bool(self.db)
+
+    def __getitem__(self, id):
+        """The tracked document with this id.
+
+        Fetched with one ``GET`` the first time, served from the session
+        afterwards: ``S[id] is S[id]``.
+
+        :raise ResourceNotFound: if the document does not exist, or is
+                                 deleted in this session
+        """
+        entry = self._entries.get(id)
+        if entry is None:
+            return self._track(self.db[id])
+        if entry.state is _DELETED:
+            raise _ResourceNotFound(('not_found', 'deleted in this session'))
+        return entry.doc
+
+    def __setitem__(self, id, content):
+        """Create the document ``id`` with a copy of ``content``; if
+        ``content`` carries a ``_rev``, update the document instead, as
+        `save` does. Nothing is sent before `flush`.
+
+        :raise ResourceConflict: if the session already holds ``id`` and
+                                 ``content`` has no ``_rev``
+        """
+        entry = self._entries.get(id)
+        if entry is not None and entry.doc is content:
+            return
+        doc = _copy_in(content)
+        doc['_id'] = id
+        self._put(doc)
+
+    def __delitem__(self, id):
+        """Queue the deletion of the document ``id``.
+
+        A document the session never fetched is deleted at the revision the
+        server has at `flush` time; the revisions of all such deletions are
+        looked up in one request.
+
+        :raise ResourceNotFound: if the document is already deleted in this
+                                 session
+        """
+        entry = self._entries.get(id)
+        if entry is None:
+            self._set(_Entry(id, None, _DELETED, self._pending, rev=_LOOKUP))
+        else:
+            self._delete_entry(entry)
+
+    # Reading.
+
+    def get(self, id, default=None, **options):
+        """The tracked document with this id, or ``default`` if there is
+        none (or it is deleted in this session).
+
+        Like ``S[id]``, one ``GET`` at most. With ``options`` (``rev=``,
+        ``revs=``, ``open_revs=``, ``conflicts=``, ...) the read asks for
+        something other than the current document: it goes to the server
+        every time and returns what python-couchdb returns, untracked,
+        leaving the session's copy alone.
+        """
+        if options:
+            return self.db.get(id, default, **options)
+        entry = self._entries.get(id)
+        if entry is None:
+            try:
+                return self._track(self.db[id])
+            except _ResourceNotFound:
+                return default
+        if entry.state is _DELETED:
+            return default
+        return entry.doc
+
+    def get_many(self, ids):
+        """The tracked documents with these ids, in order, with ``None`` for
+        the missing ones.
+
+        Every id not yet in the session is fetched in one request
+        (``POST _all_docs?include_docs=true``); the others cost nothing.
+        """
+        ids = list(ids)
+        wanted = [id for id in dict.fromkeys(ids) if id not in self._entries]
+        if wanted:
+            for row in self.db.view('_all_docs', keys=wanted,
+                                    include_docs=True):
+                if row.get('doc') is not None:
+                    self._track(_Document(row['doc']))
+            # _all_docs does not list _local documents.
+            for id in wanted:
+                if id.startswith('_local/') and id not in self._entries:
+                    self.get(id)
+        docs = []
+        for id in ids:
+            entry = self._entries.get(id)
+            live = entry is not None and entry.state is not _DELETED
+            docs.append(entry.doc if live else None)
+        return docs
+
+    def view(self, name, wrapper=None, **options):
+        """Query a view, as `couchdb.Database.view` does.
+
+        Rows keep ``id``, ``key`` and ``value``; with ``include_docs=True``,
+        ``row.doc`` is the session's tracked document (the same object as
+        ``S[row.id]``, with any changes made in the session). Rows of
+        documents deleted in the session are left out. The request is made
+        when the results are first used.
+        """
+        return _ViewResults(self, self.db.view(name, **options), wrapper)
+
+    def query(self, map_fun, reduce_fun=None, language='javascript',
+              wrapper=None, **options):
+        """Run a temporary view (``POST _temp_view``), with rows as in
+        `view`. CouchDB 2 and later have no temporary views."""
+        results = self.db.query(map_fun, reduce_fun, language, **options)
+        return _ViewResults(self, results, wrapper)
+
+    def iterview(self, name, batch, wrapper=None, **options):
+        """Iterate over a view in batches of ``batch`` rows, one request per
+        batch, with rows as in `view`."""
+        for row in self.db.iterview(name, batch, **options):
+            row = self._row(row, wrapper)
+            if row is not None:
+                yield row
+
+    def find(self, mango_query, wrapper=None):
+        """Run a Mango query (``POST _find``) and iterate over the tracked
+        documents it selects.
+
+        The selection is the server's; the documents are the session's (with
+        its changes), and those deleted in the session are left out. With
+        ``fields`` in the query the server sends partial documents, which
+        cannot be tracked: they are returned as python-couchdb returns them.
+        """
+        found = list(self.db.find(mango_query))
+        partial = 'fields' in mango_query
+        for doc in found:
+            entry = self._entries.get(doc.get('_id'))
+            if entry is not None and entry.state is _DELETED:
+                continue
+            if not partial:
+                doc = self._track(doc)
+            yield wrapper(doc) if wrapper is not None else doc
+
+    # Writing (queued until flush).
+
+    def create(self, data):
+        """Queue a new document holding a deep copy of ``data``.
+
+        :return: the document id: ``data['_id']``, or a new uuid4 hex
+        :raise TypeError: if ``data`` is not a dict
+        :raise ValueError: if ``_id`` is not a valid document id
+        :raise ResourceConflict: if the session already holds that id
+        """
+        doc = _copy_in(data)
+        doc.setdefault('_id', _uuid.uuid4().hex)
+        return self._put(doc, create=True).id
+
+    def save(self, doc):
+        """Queue the creation or update of ``doc``, as
+        `couchdb.Database.save` would write it.
+
+        A document of this session is already tracked: nothing to do. A
+        dict without ``_rev`` is created (from a deep copy; an ``_id`` is
+        generated and set in ``doc`` if it has none); a dict with ``_id`` and
+        ``_rev`` is adopted as a changed document; ``_deleted: true`` queues
+        a deletion.
+
+        :return: ``(id, rev)``; ``rev`` is the revision the document has
+                 now, ``None`` for a new one (the new revision exists after
+                 `flush`)
+        """
+        entry = self._entry_of(doc)
+        if entry is None or entry.state is _DELETED:
+            if not isinstance(doc, dict):
+                raise TypeError('expected dict, got %s' % type(doc).__name__)
+            if entry is None and '_id' not in doc:
+                doc['_id'] = _uuid.uuid4().hex
+            copy = _copy_in(doc)
+            if copy.get('_deleted'):
+                self.delete(copy)
+                return copy['_id'], copy.get('_rev')
+            entry = self._put(copy)
+        return entry.id, entry.doc.get('_rev')
+
+    def update(self, documents):
+        """`save` each of ``documents``.
+
+        :return: the list of their ids
+        """
+        return [self.save(doc)[0] for doc in documents]
+
+    def delete(self, doc):
+        """Queue the deletion of ``doc`` (a document of this session, or any
+        dict with ``_id``, and ``_rev`` to delete that revision).
+
+        Deleting a document created in this session and not yet flushed just
+        forgets it; a change followed by a deletion sends only the deletion.
+
+        :raise ResourceNotFound: if it is already deleted in this session
+        """
+        entry = self._entry_of(doc)
+        if entry is None:
+            if not isinstance(doc, dict):
+                raise TypeError('expected dict, got %s' % type(doc).__name__)
+            if doc.get('_id') is None:
+                raise ValueError('document ID cannot be None')
+            entry = self._entries.get(doc['_id'])
+        if entry is not None:
+            self._delete_entry(entry)
+        else:
+            self._set(_Entry(doc['_id'], None, _DELETED, self._pending,
+                             rev=doc.get('_rev') or _LOOKUP))
+
+    # Flushing.
+
+    def flush(self):
+        """Write every pending create, change and delete to the server.
+
+        Changed documents are compared with the version fetched: one whose
+        changes cancel out is not sent. The rest goes in one
+        ``POST /db/_bulk_docs`` (split every `batch_size` documents), plus
+        one ``POST _all_docs`` first when documents deleted by id need their
+        revisions looked up. A flush with nothing to do sends nothing.
+
+        Written documents get their new ``_rev`` and stay tracked. The hooks
+        run as described in `pre_flush_hook` and `post_flush_hook`.
+
+        :return: ``(success, id, rev_or_exception)`` of each document
+                 written, as `couchdb.Database.update` returns them
+        :raise FlushError: if the server refused any document (the rest was
+                           written)
+        :raise TypeError, ValueError: if a document holds a value JSON cannot
+                                      carry; nothing was sent
+        """
+        if self._flushing:
+            raise RuntimeError('Session.flush() was called while the session '
+                               'was flushing; a hook must not flush.')
+        if not self._pending:
+            return []
+        self._flushing = True
+        try:
+            return self._flush()
+        finally:
+            self._flushing = False
+
+    def _flush(self):
+        results, failures = [], {}
+        for _ in range(self.max_hook_rounds):
+            plan = self._plan_with_hooks(exclude=failures)
+            if not plan:
+                break
+            written, refused = self._write(plan)
+            results.extend(written)
+            failures.update(refused)
+            done = plan.without(refused)
+            if done:
+                self.post_flush_hook(done.deleted_docs(),
+                                     done.created_docs(),
+                                     done.changed_docs())
+        else:
+            raise RuntimeError(
+                'flush() gave up after %d rounds: the hooks keep creating '
+                'work. What was written stays written; the rest is pending.'
+                % self.max_hook_rounds)
+        if failures:
+            raise FlushError(results, failures)
+        return results
+
+    def _plan(self, exclude):
+        """The plan of the next bulk request: every pending entry but the
+        ``exclude``d ids. Entries whose changes cancelled out are clean
+        again."""
+        plan = _FlushPlan([entry for id, entry in self._pending.items()
+                           if id not in exclude])
+        plan.clean_unchanged()
+        return plan
+
+    def _plan_with_hooks(self, exclude):
+        """The plan of the next bulk request, after calling the pre-flush
+        hook until it adds no work."""
+        plan = self._plan(exclude)
+        hooked = (self._pre_flush is not None or
+                  type(self).pre_flush_hook is not Session.pre_flush_hook)
+        seen = set()
+        for _ in range(self.max_hook_rounds):
+            news = plan.only(lambda key: key not in seen)
+            if not news or not hooked:
+                return plan
+            seen |= news.keys()
+            self.pre_flush_hook(news.deleted_docs(), news.created_docs(),
+                                news.changed_docs())
+            # The hook may have changed anything: plan again.
+            plan = self._plan(exclude)
+        raise RuntimeError(
+            'flush() gave up after %d calls of the pre-flush hook: it keeps '
+            'creating work. Nothing was sent.' % self.max_hook_rounds)
+
+    def _write(self, plan):
+        """Send ``plan`` and apply the answers: ``(results, failures)``."""
+        payloads = plan.payloads()      # raises on bad values: nothing sent
+        self._look_up_revisions(plan, payloads)
+        results, failures = [], {}
+        for start in range(0, len(payloads), self.batch_size):
+            batch = payloads[start:start + self.batch_size]
+            _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
+            _, _, rows = self.db.resource.post_json(
+                '_bulk_docs', body={'docs': batch})
+            answers = dict((row.get('id'), row) for row in rows)
+            for payload in batch:
+                id = payload['_id']
+                outcome = _outcome(answers.get(id))
+                results.append((not isinstance(outcome, Exception), id,
+                                outcome))
+                if isinstance(outcome, Exception):
+                    failures[id] = outcome
+                else:
+                    plan.entry(id).written(outcome)
+        # Deletions whose document the server no longer has are done too:
+        # there is nothing to retry.
+        for id, exc in plan.gone.items():
+            results.append((False, id, exc))
+            failures[id] = exc
+            plan.entry(id).forget()
+        return results, failures
+
+    def _look_up_revisions(self, plan, payloads):
+        """Fill in the ``_rev`` of deletions (and re-creations) of documents
+        the session never fetched, with one ``POST _all_docs``."""
+        ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
+        if not ids:
+            return
+        revs = {}
+        for row in self.db.view('_all_docs', keys=ids):
+            value = row.get('value') or {}
+            if 'error' not in row and not value.get('deleted'):
+                revs[row['id']] = value['rev']
+        for payload in payloads:
+            if payload.get('_rev') is not _LOOKUP:
+                continue
+            id = payload['_id']
+            if id in revs:
+                payload['_rev'] = revs[id]
+            else:
+                del payload['_rev']
+        for payload in list(payloads):
+            if payload.get('_deleted') and '_rev' not in payload:
+                payloads.remove(payload)
+                plan.gone[payload['_id']] = _ResourceNotFound(
+                    ('not_found', 'missing'))
+
+    def pre_flush_hook(self, deleted, created, changed):
+        """Called by `flush` before it writes.
+
+        ``deleted`` and ``created`` are lists of documents (a document
+        deleted by id only is a `couchdb.Document` holding just its
+        ``_id``), ``changed`` a list of ``(document, diff)`` pairs. Whatever
+        the hook changes, creates or deletes goes into the same bulk
+        request: the hook is called again with only what became pending
+        since its previous call, until a call adds nothing.
+
+        Calls the ``pre_flush_hook`` given to the session; subclasses may
+        override it instead.
+        """
+        if self._pre_flush is not None:
+            self._pre_flush(self, deleted, created, changed)
+
+    def post_flush_hook(self, deleted, created, changed):
+        """Called by `flush` after each bulk request, with the documents it
+        wrote, as `pre_flush_hook` is called. Whatever it changes is written
+        by the same `flush` in a following request.
+
+        Calls the ``post_flush_hook`` given to the session; subclasses may
+        override it instead.
+        """
+        if self._post_flush is not None:
+            self._post_flush(self, deleted, created, changed)
+
+    def diff(self, doc_or_id):
+        """The change from the version fetched to the current one, as a list
+        of RFC 6902 JSON Patch operations.
+
+        ``replace`` and ``remove`` operations also carry the value they
+        overwrite under ``was`` (patch appliers ignore it). A document
+        created (or adopted) in the session is diffed against the empty
+        document. No request is made.
+
+        :raise KeyError: if the session does not hold the document
+        :raise ValueError: if the document is deleted in this session
+        """
+        entry = self._held(doc_or_id)
+        if entry.state is _DELETED:
+            raise ValueError('document %r is deleted in this session: it '
+                             'has no current version to diff' % entry.id)
+        return entry.diff()
+
+    # Housekeeping.
+
+    @property
+    def new(self):
+        """A list of the documents created in this session and not yet
+        flushed."""
+        return [e.doc for e in self._pending.values() if e.state is _NEW]
+
+    @property
+    def dirty(self):
+        """A list of the documents changed since they were fetched (or last
+        flushed).
+
+        Optimistic: a document is listed from its first change on, even if
+        later changes cancel it out; `flush` compares it with the version
+        fetched and sends only real changes.
+        """
+        return [e.doc for e in self._pending.values() if e.state is _DIRTY]
+
+    @property
+    def deleted(self):
+        """A list of the documents queued for deletion (one deleted by id
+        only is a `couchdb.Document` holding just its ``_id``)."""
+        return [e.doc_or_stub() for e in self._pending.values()
+                if e.state is _DELETED]
+
+    def has_changes(self):
+        """Whether `flush` has anything to send: a new or deleted document,
+        or a changed one that differs from the version fetched. No request
+        is made."""
+        return any(e.state is not _DIRTY or e.diff()
+                   for e in self._pending.values())
+
+    def expunge(self, doc_or_id):
+        """Stop tracking a document: forget it and anything pending for it.
+        The object stays usable as a plain dict; ``S[id]`` fetches the
+        document again.
+
+        :raise KeyError: if the session does not hold the document
+        """
+        self._held(doc_or_id).forget()
+
+    def refresh(self, doc_or_id):
+        """Re-read a document from the server (one ``GET``), dropping its
+        local changes, a pending deletion included. The session keeps
+        handing out the same object, now holding the server's version.
+
+        :return: the tracked document
+        :raise ResourceNotFound: if the server does not have it (the
+                                 session is left as it was)
+        :raise KeyError: if the session does not hold the document
+        """
+        entry = self._held(doc_or_id)
+        fresh = self.db[entry.id]
+        if entry.doc is None:
+            entry.forget()
+            return self._track(fresh)
+        entry.reload(fresh)
+        return entry.doc
+
+    def reset(self):
+        """Forget every document and everything pending. No request is
+        made."""
+        for entry in list(self._entries.values()):
+            entry.forget()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        """Flush on a clean exit; on an exception, discard what is pending
+        and let the exception through."""
+        if exc_type is None:
+            self.flush()
+        else:
+            self.reset()
+        return False
+
+    # Private helpers of the session.
+
+    def _track(self, document):
+        """The session's document for ``document`` just read from the
+        server: the one it already holds, or a new tracked one."""
+        entry = self._entries.get(document['_id'])
+        if entry is None:
+            entry = self._set(_Entry(document['_id'], document, _CLEAN,
+                                     self._pending))
+        return entry.doc
+
+    def _set(self, entry):
+        """Put ``entry`` in the identity map (and in the pending entries if
+        it has work for flush)."""
+        entry.entries = self._entries
+        self._entries[entry.id] = entry
+        if entry.state is not _CLEAN:
+            self._pending[entry.id] = entry
+        return entry
+
+    def _put(self, doc, create=False):
+        """Queue ``doc`` (the session's own copy, with an ``_id``) for
+        creation, or for update if it carries a ``_rev``."""
+        id = doc['_id']
+        _check_id(id)
+        update = '_rev' in doc and not create
+        entry = self._entries.get(id)
+        if entry is None:
+            # A document with a revision is adopted as changed, one without
+            # is new; the base of both is the empty document.
+            return self._set(_Entry(id, doc, _DIRTY if update else _NEW,
+                                    self._pending, base={}))
+        if entry.state is _DELETED:
+            # Creating an id deleted in this session writes over the deleted
+            # revision: one write that leaves the new content.
+            entry.recreate(doc)
+        elif update:
+            entry.replace(doc)
+        else:
+            raise _ResourceConflict(
+                ('conflict', 'the session already holds document %r; change '
+                 'that document instead of creating it again' % id))
+        return entry
+
+    def _delete_entry(self, entry):
+        if entry.state is _DELETED:
+            raise _ResourceNotFound(
+                ('not_found', 'document %r is already deleted in this '
+                 'session' % entry.id))
+        if entry.state is _NEW and entry.rev is None:
+            entry.forget()          # never written: nothing to send
+        else:
+            entry.delete()
+
+    def _entry_of(self, doc):
+        """The entry of ``doc`` if it is one of this session's documents."""
+        if isinstance(doc, _TrackedDict):
+            entry = _entry_of(doc)
+            if self._entries.get(entry.id) is entry:
+                return entry
+        return None
+
+    def _held(self, doc_or_id):
+        entry = self._entry_of(doc_or_id)
+        if entry is None:
+            id = doc_or_id if isinstance(doc_or_id, str) else (
+                doc_or_id.get('_id') if isinstance(doc_or_id, dict) else None)
+            entry = self._entries.get(id)
+        if entry is None:
+            raise KeyError('the session does not hold document %r'
+                           % (doc_or_id,))
+        return entry
+
+    def _row(self, row, wrapper):
+        """A view row whose ``doc`` is the session's document, or ``None``
+        for the row of a document deleted in the session."""
+        entry = self._entries.get(row.get('id'))
+        if entry is not None and entry.state is _DELETED:
+            return None
+        row = _SessionRow(row)
+        if row.get('doc') is not None:
+            row['doc'] = self._track(_Document(row['doc']))
+        return wrapper(row) if wrapper is not None else row
+
+
+def _copy_in(data):
+    """The session's own copy of a document given by the user."""
+    if not isinstance(data, dict):
+        raise TypeError('expected dict, got %s' % type(data).__name__)
+    return _Document(_plain(data))
+
+
+def _check_id(id):
+    if not isinstance(id, str) or not id:
+        raise ValueError('a document _id must be a non-empty string, got %r'
+                         % (id,))
+    if id.startswith('_') and not id.startswith(('_design/', '_local/')):
+        raise ValueError('document _id %r starts with "_": only _design/ '
+                         'and _local/ ids may' % id)
+
+
+_ROW_ERRORS = {
+    'conflict': _ResourceConflict,
+    'forbidden': _Forbidden,
+    'unauthorized': _Unauthorized,
+    'not_found': _ResourceNotFound,
+}
+
+
+def _outcome(row):
+    """The new revision of a ``_bulk_docs`` answer row, or the exception
+    (python-couchdb's, holding ``(error, reason)``) for a refused one."""
+    if row is None:
+        return _ServerError(('no_answer', 'the server did not answer for '
+                             'this document'))
+    if 'error' in row:
+        cls = _ROW_ERRORS.get(row['error'], _ServerError)
+        return cls((row['error'], row.get('reason')))
+    return row['rev']
+
+
+class _ViewResults(object):
+    """View results whose rows carry the session's documents; anything else
+    (``total_rows``, ``offset``, ``update_seq``, ...) is python-couchdb's
+    `ViewResults`."""
+
+    def __init__(self, session, results, wrapper):
+        self._session = session
+        self._results = results
+        self._wrapper = wrapper
+        self._rows = None
+
+    def __repr__(self):
+        return '<%s %r>' % (type(self).__name__, self._results)
+
+    def __getattr__(self, name):
+        if name.startswith('__'):
+            raise AttributeError(name)
+        return getattr(self._results, name)
+
+    def __getitem__(self, key):
+        """Results for a key (``results[key]``) or a key range
+        (``results[start:end]``), as python-couchdb offers them."""
+        return _ViewResults(self._session, self._results[key], self._wrapper)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def rows(self):
+        """The list of rows (the request is made on first use)."""
+        if self._rows is None:
+            rows = (self._session._row(r, self._wrapper)
+                    for r in self._results.rows)
+            self._rows = [row for row in rows if row is not None]
+        return self._rows
+
+
+class _SessionRow(_Row):
+    """A view row whose ``doc`` is the session's tracked document."""
+
+    @property
+    def doc(self):
+        return self.get('doc')
+
+
+# -- Flush planning -----------------------------------------------------------
+
+class _FlushPlan(object):
+    """What the next bulk request writes, worked out from pending entries.
+
+    Each kind of work is a list of entries; `changed` holds ``(entry,
+    diff)`` only for dirty entries that really differ from their base, and
+    `unchanged` the dirty entries whose changes cancelled out.
+    """
+
+    def __init__(self, entries):
+        self.deleted = []       # entries to delete
+        self.created = []       # new entries, written without a base
+        self.changed = []       # (entry, diff) of dirty entries that differ
+        self.unchanged = []     # dirty entries whose changes cancelled out
+        self.gone = {}          # id: ResourceNotFound, deletions the server
+        #                         turned out not to have (found at write time)
+        self._by_id = {}
+        for entry in entries:
+            self._by_id[entry.id] = entry
+            if entry.state is _DELETED:
+                self.deleted.append(entry)
+            elif entry.state is _NEW:
+                self.created.append(entry)
+            else:
+                diff = entry.diff()
+                if diff:
+                    self.changed.append((entry, diff))
+                else:
+                    self.unchanged.append(entry)
+
+    def __bool__(self):
+        return bool(self.deleted or self.created or self.changed)
+
+    def entry(self, id):
+        return self._by_id[id]
+
+    def keys(self):
+        """``(id, kind)`` of each piece of work, to tell old work from new."""
+        return set([(e.id, 'deleted') for e in self.deleted] +
+                   [(e.id, 'created') for e in self.created] +
+                   [(e.id, 'changed') for e, _ in self.changed])
+
+    def only(self, wanted):
+        """The part of the plan whose `keys` satisfy ``wanted(key)``."""
+        part = _FlushPlan([])
+        part.deleted = [e for e in self.deleted if wanted((e.id, 'deleted'))]
+        part.created = [e for e in self.created if wanted((e.id, 'created'))]
+        part.changed = [(e, d) for e, d in self.changed
+                        if wanted((e.id, 'changed'))]
+        return part
+
+    def without(self, ids):
+        return self.only(lambda key: key[0] not in ids)
+
+    def deleted_docs(self):
+        return [e.doc_or_stub() for e in self.deleted]
+
+    def created_docs(self):
+        return [e.doc for e in self.created]
+
+    def changed_docs(self):
+        return [(e.doc, d) for e, d in self.changed]
+
+    def clean_unchanged(self):
+        for entry in self.unchanged:
+            entry.clean()
+
+    def payloads(self):
+        """The documents to send, as plain dicts python-couchdb may encode
+        and modify (never the session's own objects).
+
+        :raise TypeError, ValueError: for a value JSON cannot carry, naming
+                                      the document and the path
+        """
+        payloads = []
+        for entry in self.created + [e for e, _ in self.changed]:
+            _check_json(entry.id, '', entry.subject)
+            payloads.append(entry.payload())
+        for entry in self.deleted:
+            payloads.append({'_id': entry.id, '_rev': entry.rev,
+                             '_deleted': True})
+        return payloads
+
+
+def _check_json(id, path, value):
+    """Raise TypeError or ValueError if ``value`` (at ``path`` in document
+    ``id``) holds anything JSON cannot carry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    'document %r cannot be flushed: the key %r at %s is a '
+                    '%s, but JSON object keys must be strings. Nothing was '
+                    'sent.' % (id, key, path or '/', type(key).__name__))
+            _check_json(id, path + '/' + _escape(key), item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(id, '%s/%d' % (path, index), item)
+    elif isinstance(value, float):
+        if not _math.isfinite(value):
+            raise ValueError(
+                'document %r cannot be flushed: the value at %s is %r, which '
+                'JSON cannot carry. Nothing was sent.' % (id, path, value))
+    elif not isinstance(value, (str, int, type(None))):
+        raise TypeError(
+            'document %r cannot be flushed: the value at %s is a %s, which '
+            'JSON cannot carry. Nothing was sent.'
+            % (id, path or '/', type(value).__name__))
+
+
+# -- Document entries ---------------------------------------------------------
+
+# The states of an entry. A CLEAN document equals the server's version it
+# was fetched at (or last written as): it has no base, since its content is
+# its base. On its first change it becomes DIRTY and keeps a deep copy of
+# that content as its base (copy on write: documents only read cost no
+# copy). NEW documents were created (or re-created) in the session and have
+# the empty document as base; DELETED ones wait for their deletion.
+_CLEAN, _DIRTY, _NEW, _DELETED = 'clean', 'dirty', 'new', 'deleted'
+
+# The revision of a document deleted by id only, looked up at flush time.
+_LOOKUP = object()
+
+
+class _Entry(object):
+    """What the session knows of one document id."""
+
+    __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries')
+
+    def __init__(self, id, document, state, pending, base=None, rev=None):
+        self.id = id
+        # The tracked root proxy; None for a deletion by id only.
+        self.doc = None if document is None else _root(document, self)
+        self.state = state
+        self.base = base
+        # For DELETED: the revision to delete. For NEW: the revision of a
+        # deleted document this one replaces. Either may be _LOOKUP.
+        self.rev = rev
+        # The session's pending entries and identity map; None once the
+        # session forgot this entry, which then tracks nothing.
+        self.pending = pending
+        self.entries = None
+
+    @property
+    def subject(self):
+        return _subject_of(self.doc)
+
+    def touch(self):
+        """Called before the first change of a clean document."""
+        if self.state is _CLEAN and self.pending is not None:
+            self.base = _plain(self.subject)
+            self.state = _DIRTY
+            self.pending[self.id] = self
+
+    def diff(self):
+        ops = []
+        base = self.base if self.state is not _CLEAN else self.subject
+        _diff_dict(ops, '', base, self.subject)
+        return ops
+
+    def payload(self):
+        payload = dict(self.subject)
+        if self.state is _NEW and self.rev is not None:
+            payload['_rev'] = self.rev
+        return payload
+
+    def doc_or_stub(self):
+        return self.doc if self.doc is not None else _Document(_id=self.id)
+
+    def replace(self, content):
+        """Give the document new content, keeping the object."""
+        self.touch()
+        subject = self.subject
+        subject.clear()
+        subject.update(content)
+
+    def delete(self):
+        if self.doc is not None and self.rev is None:
+            self.rev = self.subject.get('_rev')
+        self.state = _DELETED
+        self.pending[self.id] = self
+
+    def recreate(self, document):
+        """Hold ``document``, new content for this deleted entry, to be
+        written over the deleted revision (kept in `rev`)."""
+        if self.doc is None:
+            self.doc = _root(document, self)
+        else:
+            subject = self.subject
+            subject.clear()
+            subject.update(document)
+        self.state = _NEW
+        self.base = {}
+        self.pending[self.id] = self
+
+    def clean(self):
+        """The document equals its base: nothing to write."""
+        self.state = _CLEAN
+        self.base = self.rev = None
+        self.pending.pop(self.id, None)
+
+    def written(self, rev):
+        """The server accepted this entry's write, giving it ``rev``."""
+        if self.state is _DELETED:
+            self.forget()
+        else:
+            self.subject['_rev'] = rev
+            self.clean()
+
+    def reload(self, document):
+        """Hold ``document``, just read from the server, dropping local
+        changes."""
+        subject = self.subject
+        subject.clear()
+        subject.update(document)
+        self.clean()
+
+    def forget(self):
+        """Leave the session: no longer held, pending or tracked."""
+        if self.pending is not None:
+            self.pending.pop(self.id, None)
+            if self.entries is not None and \
+                    self.entries.get(self.id) is self:
+                del self.entries[self.id]
+        self.pending = self.entries = None
+        if self.state is not _DELETED:
+            self.state = _CLEAN
+
+
+# -- Tracked proxies ----------------------------------------------------------
+
+# A tracked proxy is a ProxyTypes ObjectWrapper around one dict or list of a
+# document, plus the `_Entry` of that document. Every mutator calls
+# `_touch()` before it changes the subject: the first change of a clean
+# document takes the copy that becomes its base. Every read path wraps the
+# children it returns, so changes at any depth are seen. Values stored in a
+# document are deep copies (`_plain`), so that no object outside the
+# document can change it behind the session's back, and the subject only
+# ever holds plain dicts, lists and scalars: never a proxy.
+#
+# Methods are looked up on the wrapper first, then on the subject: any
+# method not defined here (`keys`, `index`, `count`, comparisons, `len`,
+# `repr`, ...) runs on the subject, which is right for methods that only
+# read and return no child. ProxyTypes' own in-place operators would
+# bypass tracking, so they are all redefined here.
+
+_subject_of = _ObjectProxy.__subject__.__get__
+_set_subject = _ObjectProxy.__subject__.__set__
+
+
+class _Tracked(_ObjectWrapper):
+    """A proxy for one dict or list of a tracked document."""
+
+    __slots__ = ('_entry',)
+
+    def _touch(self):
+        entry = _entry_of(self)
+        if entry.state is _CLEAN:
+            entry.touch()
+
+    def copy(self):
+        """A plain deep copy (a shallow one would let untracked aliases of
+        the children escape)."""
+        return _plain(_subject_of(self))
+
+
+_entry_of = _Tracked._entry.__get__
+_set_entry = _Tracked._entry.__set__
+
+
+class _TrackedDict(_Tracked):
+    """A tracked dict."""
+
+    __slots__ = ()
+
+    # Reads that hand out children.
+
+    def __getitem__(self, key):
+        return _wrap(_subject_of(self)[key], _entry_of(self))
+
+    def get(self, key, default=None):
+        subject = _subject_of(self)
+        if key in subject:
+            return _wrap(subject[key], _entry_of(self))
+        return default
+
+    def __iter__(self):
+        # ProxyTypes defines no __iter__ for Python 3.
+        return iter(_subject_of(self))
+
+    def __reversed__(self):
+        return reversed(_subject_of(self))
+
+    def items(self):
+        return _ItemsView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def __or__(self, other):
+        merged = _plain(_subject_of(self))
+        merged.update(_plain(other))
+        return merged
+
+    def __ror__(self, other):
+        merged = _plain(other)
+        merged.update(_plain(_subject_of(self)))
+        return merged
+
+    # Mutators.
+
+    def __setitem__(self, key, value):
+        self._touch()
+        _subject_of(self)[key] = _plain(value)
+
+    def __delitem__(self, key):
+        subject = _subject_of(self)
+        if key not in subject:
+            raise KeyError(key)
+        self._touch()
+        del subject[key]
+
+    def setdefault(self, key, default=None):
+        subject = _subject_of(self)
+        if key not in subject:
+            self._touch()
+            subject[key] = _plain(default)
+        return _wrap(subject[key], _entry_of(self))
+
+    def update(self, *args, **kwargs):
+        values = _plain(dict(*args, **kwargs))
+        if values:
+            self._touch()
+            _subject_of(self).update(values)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def pop(self, key, *default):
+        subject = _subject_of(self)
+        if key in subject:
+            self._touch()
+        return subject.pop(key, *default)
+
+    def popitem(self):
+        subject = _subject_of(self)
+        if subject:
+            self._touch()
+        return subject.popitem()
+
+    def clear(self):
+        if _subject_of(self):
+            self._touch()
+            _subject_of(self).clear()
+
+
+class _ItemsView(_abc.ItemsView):
+    """``items()`` of a tracked dict: the values are tracked."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        proxy = self._mapping
+        entry = _entry_of(proxy)
+        for key, value in _subject_of(proxy).items():
+            yield key, _wrap(value, entry)
+
+
+class _ValuesView(_abc.ValuesView):
+    """``values()`` of a tracked dict: the values are tracked."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        proxy = self._mapping
+        entry = _entry_of(proxy)
+        for value in _subject_of(proxy).values():
+            yield _wrap(value, entry)
+
+
+class _TrackedList(_Tracked):
+    """A tracked list."""
+
+    __slots__ = ()
+
+    # Reads that hand out children (a slice is a copy, as in Python; a plain
+    # deep one, so that no untracked alias escapes).
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _plain(_subject_of(self)[index])
+        return _wrap(_subject_of(self)[index], _entry_of(self))
+
+    def __iter__(self):
+        entry = _entry_of(self)
+        for value in _subject_of(self):
+            yield _wrap(value, entry)
+
+    def __reversed__(self):
+        entry = _entry_of(self)
+        for value in reversed(_subject_of(self)):
+            yield _wrap(value, entry)
+
+    def __add__(self, other):
+        if not isinstance(other, list):
+            return NotImplemented
+        return _plain(_subject_of(self)) + _plain(other)
+
+    def __radd__(self, other):
+        if not isinstance(other, list):
+            return NotImplemented
+        return _plain(other) + _plain(_subject_of(self))
+
+    def __mul__(self, times):
+        return _plain(_subject_of(self) * times)
+
+    __rmul__ = __mul__
+
+    # Mutators.
+
+    def __setitem__(self, index, value):
+        self._touch()
+        if isinstance(index, slice):
+            value = [_plain(item) for item in value]
+        else:
+            value = _plain(value)
+        _subject_of(self)[index] = value
+
+    def __delitem__(self, index):
+        self._touch()
+        del _subject_of(self)[index]
+
+    def append(self, value):
+        self._touch()
+        _subject_of(self).append(_plain(value))
+
+    def extend(self, values):
+        values = [_plain(item) for item in values]
+        self._touch()
+        _subject_of(self).extend(values)
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def __imul__(self, times):
+        subject = _subject_of(self)
+        # Repeat with copies: a document holds no object twice.
+        copies = [_plain(item) for _ in range(times - 1) for item in subject]
+        self._touch()
+        if times > 0:
+            subject.extend(copies)
+        else:
+            subject.clear()
+        return self
+
+    def insert(self, index, value):
+        self._touch()
+        _subject_of(self).insert(index, _plain(value))
+
+    def pop(self, index=-1):
+        self._touch()
+        return _subject_of(self).pop(index)
+
+    def remove(self, value):
+        self._touch()
+        _subject_of(self).remove(_plain(value))
+
+    def clear(self):
+        self._touch()
+        _subject_of(self).clear()
+
+    def sort(self, *, key=None, reverse=False):
+        self._touch()
+        _subject_of(self).sort(key=key, reverse=reverse)
+
+    def reverse(self):
+        self._touch()
+        _subject_of(self).reverse()
+
+
+_new = object.__new__
+_WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+
+
+def _wrap(value, entry):
+    """``value`` read from a document: a tracked proxy for a dict or list,
+    the value itself otherwise."""
+    cls = _WRAPPERS.get(type(value))
+    if cls is None:
+        return value
+    proxy = _new(cls)
+    _set_subject(proxy, value)
+    _set_entry(proxy, entry)
+    return proxy
+
+
+def _root(document, entry):
+    """The tracked proxy of a whole document (a `couchdb.Document`)."""
+    proxy = _new(_TrackedDict)
+    _set_subject(proxy, document)
+    _set_entry(proxy, entry)
+    return proxy
+
+
+# -- Copies and diffs ---------------------------------------------------------
+
+def _plain(value):
+    """A deep copy of ``value`` made of plain dicts and lists (tuples become
+    lists, proxies their subjects); anything else is kept as it is, for
+    `_check_json` to judge."""
+    if isinstance(value, _Tracked):
+        value = _subject_of(value)
+    kind = type(value)
+    if kind is dict or (kind is not list and isinstance(value, dict)):
+        return {key: _plain(item) for key, item in value.items()}
+    if kind is list or isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _escape(key):
+    """``key`` as a JSON Pointer (RFC 6901) reference token."""
+    return str(key).replace('~', '~0').replace('/', '~1')
+
+
+def _same(a, b):
+    """Whether ``a`` and ``b`` are the same JSON value (unlike ``==``,
+    ``True`` is not ``1`` and ``1`` is not ``1.0``)."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict:
+        return len(a) == len(b) and all(
+            key in b and _same(value, b[key]) for key, value in a.items())
+    if kind is list:
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _diff_value(ops, path, old, new):
+    """Append to ``ops`` the JSON Patch operations turning ``old`` into
+    ``new`` (both at ``path``)."""
+    kind = type(old)
+    if kind is type(new):
+        if kind is dict:
+            return _diff_dict(ops, path, old, new)
+        if kind is list:
+            return _diff_list(ops, path, old, new)
+        if old == new:
+            return
+    ops.append({'op': 'replace', 'path': path, 'value': _plain(new),
+                'was': _plain(old)})
+
+
+def _diff_dict(ops, path, old, new):
+    for key, value in old.items():
+        if key in new:
+            _diff_value(ops, path + '/' + _escape(key), value, new[key])
+        else:
+            ops.append({'op': 'remove', 'path': path + '/' + _escape(key),
+                        'was': _plain(value)})
+    for key, value in new.items():
+        if key not in old:
+            ops.append({'op': 'add', 'path': path + '/' + _escape(key),
+                        'value': _plain(value)})
+
+
+def _diff_list(ops, path, old, new):
+    # Skip the common head and tail; pair off the middles item by item, then
+    # add what the new middle has more, or remove what the old has more.
+    head, old_end, new_end = 0, len(old), len(new)
+    while head < old_end and head < new_end and _same(old[head], new[head]):
+        head += 1
+    while (old_end > head and new_end > head and
+           _same(old[old_end - 1], new[new_end - 1])):
+        old_end -= 1
+        new_end -= 1
+    paired = min(old_end, new_end) - head
+    for index in range(head, head + paired):
+        _diff_value(ops, '%s/%d' % (path, index), old[index], new[index])
+    for index in range(head + paired, new_end):
+        ops.append({'op': 'add', 'path': '%s/%d' % (path, index),
+                    'value': _plain(new[index])})
+    for index in range(head + paired, old_end):
+        ops.append({'op': 'remove', 'path': '%s/%d' % (path, head + paired),
+                    'was': _plain(old[index])})
