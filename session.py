@@ -1071,6 +1071,17 @@ class _Tracked(_ObjectWrapper):
 
     __slots__ = ('_entry',)
 
+    def __getattribute__(self, name, _get=object.__getattribute__):
+        # ProxyTypes sends every dunder name to the subject, so that an
+        # explicit ``proxy.__setitem__(k, v)`` would change the subject
+        # untracked. The dunders defined here are looked up here first.
+        if name[:2] == '__' and name not in _OWN_DUNDERS:
+            subject = _subject_of(self)
+            if name == '__subject__':
+                return subject
+            return getattr(subject, name)
+        return _get(self, name)
+
     def _touch(self):
         entry = _entry_of(self)
         if entry.state is _CLEAN:
@@ -1300,6 +1311,9 @@ class _TrackedList(_Tracked):
 
 _new = object.__new__
 _WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+_OWN_DUNDERS = frozenset(
+    name for cls in (_TrackedDict, _TrackedList) for name in vars(cls)
+    if name[:2] == '__' and callable(vars(cls)[name]))
 
 
 def _wrap(value, entry):
