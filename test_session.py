@@ -9,6 +9,7 @@ import copy
 import doctest
 import json
 import math
+import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import couchdb
@@ -99,6 +100,17 @@ def test_module_docstring_example_runs(db):
         runner.run(test)
     assert runner.failures == 0
     assert runner.tries > 5
+
+
+def test_readme_examples_run(db):
+    """Every example in README.txt works as shown."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        'README.txt')
+    failures, tries = doctest.testfile(
+        path, module_relative=False, globs={'db': db},
+        optionflags=doctest.ELLIPSIS)
+    assert failures == 0
+    assert tries > 30
 
 
 def test_namespace_is_the_api():
