@@ -114,6 +114,9 @@ class Session(object):
                            `pre_flush_hook`
     :param post_flush_hook: called the same way after a write; see
                             `post_flush_hook`
+    :param on_conflict: what `flush` does about conflicts by default:
+                        ``'raise'``, ``'overwrite'``, ``'merge'`` or a
+                        function; see `flush`
     """
 
     #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
@@ -123,14 +126,20 @@ class Session(object):
     #: Most rounds of hook calls in one flush before it gives up.
     max_hook_rounds = 100
 
+    #: Most times one flush resolves conflicts and writes again when the
+    #: server keeps moving; each time costs one read and one write.
+    max_conflict_rounds = 3
+
     # The identity map, `_entries`, holds one `_Entry` per id the session
     # knows: fetched, created, adopted or deleted. `_pending` holds, by id,
     # the entries a flush must look at (new, dirty or deleted): it is the
     # only place flush looks, so its cost follows the number of changed
     # documents, not the number held.
 
-    def __init__(self, db, pre_flush_hook=None, post_flush_hook=None):
+    def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
+                 on_conflict='raise'):
         self.db = db
+        self.on_conflict = _check_on_conflict(on_conflict)
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
         self._entries = {}
@@ -388,7 +397,7 @@ class Session(object):
 
     # Flushing.
 
-    def flush(self):
+    def flush(self, on_conflict=None):
         """Write every pending create, change and delete to the server.
 
         Changed documents are compared with the version fetched: one whose
@@ -400,13 +409,54 @@ class Session(object):
         Written documents get their new ``_rev`` and stay tracked. The hooks
         run as described in `pre_flush_hook` and `post_flush_hook`.
 
+        ``_bulk_docs`` is not atomic: the server may refuse some documents
+        and take the others. What was written is applied; what was refused
+        stays pending, unchanged, and `FlushError` says why.
+
+        Conflicts first cost one ``POST _all_docs?include_docs=true`` for
+        all of them, to read the server's versions. A server version equal
+        to what the session sent is the session's own write whose answer
+        was lost (a dropped connection): it counts as written. For the
+        others, ``on_conflict`` (by default the session's) decides:
+
+        - ``'raise'``: they stay pending and end up in `FlushError`.
+        - ``'overwrite'``: the last writer wins: the session's version is
+          written over the server's revision (a deletion deletes it; a
+          change over a server-side deletion writes the document again).
+        - ``'merge'``: a three-way merge of the version fetched (the empty
+          document for one created or adopted in the session), the
+          session's and the server's. Dicts merge key by key; a value
+          changed on one side takes that side's; values (or lists) changed
+          on both sides differently, a key removed on one side and changed
+          on the other, or a deletion against a change, are real conflicts
+          that stay pending, untouched, in `FlushError`. The merged
+          document is written over the server's revision and the server's
+          version becomes its base.
+        - a function ``resolve(mine, theirs, base)`` of plain copies
+          (``None`` for a deleted side) returning the document to write, or
+          ``None`` to leave it pending and reported.
+
+        Resolved documents go in one more bulk request; if the server moved
+        again meanwhile, this repeats up to `max_conflict_rounds` times.
+
+        A connection failure raises python-couchdb's or the socket's
+        exception unchanged and loses nothing: the next flush sends it all,
+        recognising writes that did reach the server.
+
+        :param on_conflict: ``'raise'``, ``'overwrite'``, ``'merge'`` or a
+                            function, for this flush only
         :return: ``(success, id, rev_or_exception)`` of each document
                  written, as `couchdb.Database.update` returns them
         :raise FlushError: if the server refused any document (the rest was
-                           written)
+                           written); after the post-flush hook has seen what
+                           was written
         :raise TypeError, ValueError: if a document holds a value JSON cannot
                                       carry; nothing was sent
         """
+        if on_conflict is None:
+            on_conflict = self.on_conflict
+        else:
+            on_conflict = _check_on_conflict(on_conflict)
         if self._flushing:
             raise RuntimeError('Session.flush() was called while the session '
                                'was flushing; a hook must not flush.')
@@ -414,17 +464,17 @@ class Session(object):
             return []
         self._flushing = True
         try:
-            return self._flush()
+            return self._flush(on_conflict)
         finally:
             self._flushing = False
 
-    def _flush(self):
+    def _flush(self, on_conflict):
         results, failures = [], {}
         for _ in range(self.max_hook_rounds):
             plan = self._plan_with_hooks(exclude=failures)
             if not plan:
                 break
-            written, refused = self._write(plan)
+            written, refused = self._write(plan, on_conflict)
             results.extend(written)
             failures.update(refused)
             done = plan.without(refused)
@@ -470,33 +520,72 @@ class Session(object):
             'flush() gave up after %d calls of the pre-flush hook: it keeps '
             'creating work. Nothing was sent.' % self.max_hook_rounds)
 
-    def _write(self, plan):
-        """Send ``plan`` and apply the answers: ``(results, failures)``."""
+    def _write(self, plan, on_conflict):
+        """Send ``plan``, resolve its conflicts and apply the answers:
+        ``(results, failures)``."""
         payloads = plan.payloads()      # raises on bad values: nothing sent
         self._look_up_revisions(plan, payloads)
-        results, failures = [], {}
-        for start in range(0, len(payloads), self.batch_size):
-            batch = payloads[start:start + self.batch_size]
-            _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
-            _, _, rows = self.db.resource.post_json(
-                '_bulk_docs', body={'docs': batch})
-            answers = dict((row.get('id'), row) for row in rows)
-            for payload in batch:
-                id = payload['_id']
-                outcome = _outcome(answers.get(id))
-                results.append((not isinstance(outcome, Exception), id,
-                                outcome))
-                if isinstance(outcome, Exception):
-                    failures[id] = outcome
-                else:
-                    plan.entry(id).written(outcome)
+        outcomes = {}                   # id: new rev or exception
+        self._send(plan, payloads, outcomes)
+        for _ in range(self.max_conflict_rounds):
+            conflicted = [id for id, outcome in outcomes.items()
+                          if isinstance(outcome, _ResourceConflict)]
+            if not conflicted:
+                break
+            resend = _Resolver(self, plan, on_conflict).resolve(conflicted,
+                                                                outcomes)
+            if not resend:
+                break
+            self._send(plan, resend, outcomes)
         # Deletions whose document the server no longer has are done too:
         # there is nothing to retry.
         for id, exc in plan.gone.items():
-            results.append((False, id, exc))
-            failures[id] = exc
+            outcomes[id] = exc
             plan.entry(id).forget()
+        results = [(not isinstance(outcome, Exception), id, outcome)
+                   for id, outcome in outcomes.items()]
+        failures = dict((id, outcome) for ok, id, outcome in results
+                        if not ok)
         return results, failures
+
+    def _send(self, plan, payloads, outcomes):
+        """POST ``payloads`` to ``_bulk_docs``, `batch_size` at a time;
+        record each document's outcome, and apply the successes."""
+        for start in range(0, len(payloads), self.batch_size):
+            batch = payloads[start:start + self.batch_size]
+            _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
+            try:
+                _, _, rows = self.db.resource.post_json(
+                    '_bulk_docs', body={'docs': batch})
+            except Exception:
+                # The server may have applied the request before the
+                # connection failed: remember what was sent, so that the
+                # next flush recognises these writes as its own.
+                for payload in batch:
+                    plan.entry(payload['_id']).sent = _plain(payload)
+                raise
+            answers = dict((row.get('id'), row) for row in rows)
+            for payload in batch:
+                id = payload['_id']
+                outcome = outcomes[id] = _outcome(answers.get(id))
+                entry = plan.entry(id)
+                if isinstance(outcome, Exception):
+                    entry.attempt = payload
+                else:
+                    entry.written(outcome)
+
+    def _current(self, ids):
+        """``{id: (rev, document or None if deleted)}`` of the server's
+        current versions, in one ``POST _all_docs?include_docs=true``; an id
+        the server never had is left out."""
+        current = {}
+        for row in self.db.view('_all_docs', keys=ids, include_docs=True):
+            if 'error' in row:
+                continue
+            deleted = row['value'].get('deleted')
+            current[row['id']] = (row['value']['rev'],
+                                  None if deleted else row['doc'])
+        return current
 
     def _look_up_revisions(self, plan, payloads):
         """Fill in the ``_rev`` of deletions (and re-creations) of documents
@@ -893,11 +982,15 @@ class _FlushPlan(object):
         payloads = []
         for entry in self.created + [e for e, _ in self.changed]:
             _check_json(entry.id, '', entry.subject)
-            payloads.append(entry.payload())
-        for entry in self.deleted:
-            payloads.append({'_id': entry.id, '_rev': entry.rev,
-                             '_deleted': True})
-        return payloads
+        return [entry.payload() for entry in
+                self.created + [e for e, _ in self.changed] + self.deleted]
+
+
+def _check_on_conflict(on_conflict):
+    if on_conflict in ('raise', 'overwrite', 'merge') or callable(on_conflict):
+        return on_conflict
+    raise ValueError("on_conflict must be 'raise', 'overwrite', 'merge' or "
+                     "a function, got %r" % (on_conflict,))
 
 
 def _check_json(id, path, value):
@@ -926,6 +1019,140 @@ def _check_json(id, path, value):
             % (id, path or '/', type(value).__name__))
 
 
+# -- Conflicts ----------------------------------------------------------------
+
+# What `_Resolver._settle` returns for a document to send again.
+_RESEND = object()
+
+
+class _Resolver(object):
+    """Settles the conflicts of one bulk request: reads the server's versions
+    of all conflicted documents in one request, recognises the session's own
+    writes whose answer was lost, and applies ``on_conflict`` to the rest."""
+
+    def __init__(self, session, plan, on_conflict):
+        self.session = session
+        self.plan = plan
+        self.on_conflict = on_conflict
+
+    def resolve(self, ids, outcomes):
+        """Settle the conflicts of ``ids``: record in ``outcomes`` those
+        settled without a write, and return the payloads to send again."""
+        current = self.session._current(ids)
+        resend = []
+        for id in ids:
+            entry = self.plan.entry(id)
+            rev, theirs = current.get(id, (None, None))
+            outcome = self._settle(entry, rev, theirs)
+            if outcome is _RESEND:
+                resend.append(entry.payload())
+            elif outcome is not None:
+                outcomes[id] = outcome
+        return resend
+
+    def _settle(self, entry, rev, theirs):
+        """The new outcome for ``entry`` given the server's ``theirs`` at
+        ``rev``: a revision (written), an exception (refused), `_RESEND`,
+        or ``None`` to keep the conflict."""
+        if entry.state is _DELETED and theirs is None:
+            entry.forget()              # deleted already: nothing to do
+            return rev
+        if theirs is not None and entry.state is not _DELETED:
+            if entry.attempt is not None and \
+                    _content(entry.attempt) == _content(theirs):
+                entry.written(rev)      # this flush's write, answer lost
+                return rev
+            if entry.sent is not None and \
+                    _content(entry.sent) == _content(theirs):
+                # An earlier flush's write reached the server: write the
+                # changes made since over it.
+                entry.rebase(entry.subject, rev, theirs)
+                return _RESEND
+        if self.on_conflict == 'raise':
+            return None
+        mine = None if entry.state is _DELETED else entry.subject
+        base = entry.merge_base()
+        if self.on_conflict == 'overwrite':
+            content = mine
+        elif self.on_conflict == 'merge':
+            try:
+                content = _merge_documents(base, mine, theirs,
+                                           entry.state is _NEW)
+            except _MergeConflict as conflict:
+                return _ResourceConflict(('conflict', str(conflict)))
+        else:
+            content = self.on_conflict(*[None if side is None else
+                                         _plain(side) for side in
+                                         (mine, theirs, base)])
+            if content is None:
+                return None
+            try:
+                _check_json(entry.id, '', _copy_in(content))
+            except (TypeError, ValueError) as exc:
+                return exc
+        if content is None or content.get('_deleted'):
+            if theirs is None:
+                entry.forget()
+                return rev
+            entry.delete(rev)
+        else:
+            entry.rebase(content, rev, theirs)
+        return _RESEND
+
+
+class _MergeConflict(Exception):
+    """A change a three-way merge cannot settle (private)."""
+
+
+_MISSING = object()
+
+
+def _content(document):
+    """A document without its ``_rev``, for comparing versions."""
+    return dict((key, value) for key, value in document.items()
+                if key != '_rev')
+
+
+def _merge_documents(base, mine, theirs, new):
+    """The three-way merge of whole documents (``None`` for a deletion);
+    ``None`` means the merge is a deletion.
+
+    :raise _MergeConflict: naming what both sides changed
+    """
+    if mine is None or theirs is None:
+        if theirs is None and (mine is None or new):
+            return mine                 # nothing on the server to merge
+        changed = mine if theirs is None else theirs
+        if base is not None and _same(_content(base), _content(changed)):
+            return None                 # the other side only deleted
+        raise _MergeConflict('deleted on one side and changed on the other')
+    merged = _merge(_content(base), _content(mine), _content(theirs), '')
+    return _plain(merged)
+
+
+def _merge(base, mine, theirs, path):
+    """Three-way merge of JSON values; `_MISSING` stands for an absent
+    dict key."""
+    if _same(mine, theirs):
+        return mine
+    if _same(base, mine):
+        return theirs
+    if _same(base, theirs):
+        return mine
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        if not isinstance(base, dict):
+            base = {}
+        merged = {}
+        for key in list(mine) + [key for key in theirs if key not in mine]:
+            value = _merge(base.get(key, _MISSING), mine.get(key, _MISSING),
+                           theirs.get(key, _MISSING),
+                           path + '/' + _escape(key))
+            if value is not _MISSING:
+                merged[key] = value
+        return merged
+    raise _MergeConflict('both sides changed %s' % (path or '/'))
+
+
 # -- Document entries ---------------------------------------------------------
 
 # The states of an entry. A CLEAN document equals the server's version it
@@ -943,7 +1170,8 @@ _LOOKUP = object()
 class _Entry(object):
     """What the session knows of one document id."""
 
-    __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries')
+    __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries',
+                 'attempt', 'sent')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
         self.id = id
@@ -958,6 +1186,10 @@ class _Entry(object):
         # session forgot this entry, which then tracks nothing.
         self.pending = pending
         self.entries = None
+        # What this flush sent for a refused document (`attempt`), and what
+        # a flush whose connection failed had sent (`sent`): a server
+        # version equal to either is this session's own write.
+        self.attempt = self.sent = None
 
     @property
     def subject(self):
@@ -977,10 +1209,23 @@ class _Entry(object):
         return ops
 
     def payload(self):
+        """The document to send, as a new dict python-couchdb may encode
+        (its children are the subject's: send it before any change)."""
+        if self.state is _DELETED:
+            return {'_id': self.id, '_rev': self.rev, '_deleted': True}
         payload = dict(self.subject)
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
         return payload
+
+    def merge_base(self):
+        """The version changes were made from: the one fetched, or the empty
+        document for one created or adopted in the session."""
+        if self.state is _NEW:
+            return {}
+        if self.base is not None:
+            return self.base
+        return None if self.doc is None else self.subject
 
     def doc_or_stub(self):
         return self.doc if self.doc is not None else _Document(_id=self.id)
@@ -992,8 +1237,11 @@ class _Entry(object):
         subject.clear()
         subject.update(content)
 
-    def delete(self):
-        if self.doc is not None and self.rev is None:
+    def delete(self, rev=None):
+        """Queue the deletion, of revision ``rev`` if given."""
+        if rev is not None:
+            self.rev = rev
+        elif self.doc is not None and self.rev is None:
             self.rev = self.subject.get('_rev')
         self.state = _DELETED
         self.pending[self.id] = self
@@ -1011,10 +1259,30 @@ class _Entry(object):
         self.base = {}
         self.pending[self.id] = self
 
+    def rebase(self, content, rev, theirs):
+        """Hold ``content``, resolved against the server's version
+        ``theirs`` (``None`` if deleted) at revision ``rev``, to be written
+        over it; ``theirs`` becomes the base."""
+        document = _copy_in(content)
+        document['_id'] = self.id
+        document.pop('_rev', None)
+        if rev is not None:
+            document['_rev'] = rev
+        if self.doc is None:
+            self.doc = _root(document, self)
+        else:
+            subject = self.subject
+            subject.clear()
+            subject.update(document)
+        self.base = _plain(theirs) if theirs is not None else {}
+        self.state = _DIRTY
+        self.rev = self.sent = None
+        self.pending[self.id] = self
+
     def clean(self):
         """The document equals its base: nothing to write."""
         self.state = _CLEAN
-        self.base = self.rev = None
+        self.base = self.rev = self.attempt = self.sent = None
         self.pending.pop(self.id, None)
 
     def written(self, rev):
