@@ -1360,6 +1360,12 @@ class _Tracked(_ObjectWrapper):
         the children escape)."""
         return _plain(_subject_of(self))
 
+    def __copy__(self):
+        return _plain(_subject_of(self))
+
+    def __deepcopy__(self, memo):
+        return _plain(_subject_of(self))
+
 
 _entry_of = _Tracked._entry.__get__
 _set_entry = _Tracked._entry.__set__
@@ -1407,8 +1413,11 @@ class _TrackedDict(_Tracked):
     # Mutators.
 
     def __setitem__(self, key, value):
+        subject = _subject_of(self)
+        if _is_child(value, subject.get(key, _MISSING)):
+            return      # d[k] = d[k], and the store of d[k] += ...
         self._touch()
-        _subject_of(self)[key] = _plain(value)
+        subject[key] = _plain(value)
 
     def __delitem__(self, key):
         subject = _subject_of(self)
@@ -1517,12 +1526,15 @@ class _TrackedList(_Tracked):
     # Mutators.
 
     def __setitem__(self, index, value):
-        self._touch()
+        subject = _subject_of(self)
         if isinstance(index, slice):
             value = [_plain(item) for item in value]
+        elif _is_child(value, subject[index]):
+            return      # l[i] = l[i], and the store of l[i] += ...
         else:
             value = _plain(value)
-        _subject_of(self)[index] = value
+        self._touch()
+        subject[index] = value
 
     def __delitem__(self, index):
         self._touch()
@@ -1580,8 +1592,14 @@ class _TrackedList(_Tracked):
 _new = object.__new__
 _WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
 _OWN_DUNDERS = frozenset(
-    name for cls in (_TrackedDict, _TrackedList) for name in vars(cls)
+    name for cls in (_Tracked, _TrackedDict, _TrackedList)
+    for name in vars(cls)
     if name[:2] == '__' and callable(vars(cls)[name]))
+
+
+def _is_child(value, child):
+    """Whether ``value`` is the proxy of ``child`` itself."""
+    return isinstance(value, _Tracked) and _subject_of(value) is child
 
 
 def _wrap(value, entry):

@@ -1061,3 +1061,37 @@ def test_tracked_documents_work_with_ordinary_code(db):
     assert repr(doc['nested']) == repr(plain['nested'])
     assert len(doc['nested']['l']) == 2 and 1 in doc['nested']['l']
     assert doc['nested']['l'] + [3] == [1, {'x': 2}, 3]
+
+
+def test_copies_of_tracked_documents_are_plain_and_detached(db):
+    """copy.copy, copy.deepcopy and .copy() give plain copies: changing them
+    does not change the document behind the session's back."""
+    put(db, 'a', owner={'name': {'first': 'bob'}})
+    S = Session(db)
+    doc = S['a']
+    for make_copy in (copy.copy, copy.deepcopy, lambda d: d.copy()):
+        duplicate = make_copy(doc['owner'])
+        assert type(duplicate) is dict and duplicate == doc['owner']
+        duplicate['name']['first'] = 'ann'
+    assert type(copy.deepcopy(doc)) is dict
+    assert doc['owner']['name']['first'] == 'bob'
+    assert S.flush() == []
+
+
+def test_augmented_assignment_keeps_references_to_the_child(db):
+    """d[k] += v changes the list in place, as in Python: references taken
+    before still see the document's list."""
+    put(db, 'a', tags=['a'], nested={'l': [1]})
+    S = Session(db)
+    doc = S['a']
+    tags = doc['tags']
+    doc['tags'] += ['b']
+    tags.append('c')
+    inner = doc['nested']['l']
+    doc['nested']['l'] *= 2
+    inner.append(9)
+    assert doc['tags'] == ['a', 'b', 'c']
+    assert doc['nested']['l'] == [1, 1, 9]
+    S.flush()
+    assert db['a']['tags'] == ['a', 'b', 'c']
+    assert db['a']['nested'] == {'l': [1, 1, 9]}
