@@ -32,9 +32,15 @@ Contents:
   dicts and lists that tell the session when they change.
 """
 
+import base64 as _base64
 import collections.abc as _abc
+import io as _io
 import logging as _logging
 import math as _math
+import mimetypes as _mimetypes
+import os as _os
+import shutil as _shutil
+import tempfile as _tempfile
 import uuid as _uuid
 
 from couchdb.client import Document as _Document, Row as _Row
@@ -117,6 +123,10 @@ class Session(object):
     :param on_conflict: what `flush` does about conflicts by default:
                         ``'raise'``, ``'overwrite'``, ``'merge'`` or a
                         function; see `flush`
+    :param max_inline_attachment: attachments of at most this many bytes
+                                  travel inside the ``_bulk_docs`` request;
+                                  larger ones are uploaded after it with a
+                                  ``PUT`` each; see `put_attachment`
     """
 
     #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
@@ -137,9 +147,10 @@ class Session(object):
     # documents, not the number held.
 
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
-                 on_conflict='raise'):
+                 on_conflict='raise', max_inline_attachment=64 * 1024):
         self.db = db
         self.on_conflict = _check_on_conflict(on_conflict)
+        self.max_inline_attachment = max_inline_attachment
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
         self._entries = {}
@@ -395,6 +406,74 @@ class Session(object):
             self._set(_Entry(doc['_id'], None, _DELETED, self._pending,
                              rev=doc.get('_rev') or _LOOKUP))
 
+    # Attachments (queued until flush).
+
+    def put_attachment(self, doc, content, filename=None, content_type=None):
+        """Queue an attachment for ``doc`` (a document of this session, or
+        the id or a dict with the ``_id`` of one it then fetches).
+
+        ``content`` is bytes, str (sent as UTF-8) or a file-like object: a
+        seekable one is read at flush time (keep it open until then), any
+        other is copied to a temporary file now. ``filename`` defaults to the
+        file's name, ``content_type`` is guessed from the filename
+        (``application/octet-stream`` when nothing fits).
+
+        At `flush`, an attachment of at most `max_inline_attachment` bytes
+        goes inline (base64) in the ``_bulk_docs`` request with its
+        document: one request, one new revision. A larger one is uploaded
+        after it with a ``PUT`` of its own, streamed. Either way it stays
+        pending until the server has it: if the document's write fails, it
+        goes with the retry.
+
+        :raise ResourceNotFound: if the document is deleted in this session
+        """
+        if filename is None:
+            if not hasattr(content, 'name'):
+                raise ValueError('no filename specified for attachment')
+            filename = _os.path.basename(content.name)
+        if content_type is None:
+            content_type = ';'.join(
+                filter(None, _mimetypes.guess_type(filename))) or \
+                'application/octet-stream'
+        self._live(doc).put_attachment(filename,
+                                       _Attachment(content, content_type))
+
+    def get_attachment(self, id_or_doc, filename, default=None):
+        """A file-like object with the content of an attachment, or
+        ``default`` if there is none.
+
+        An attachment put in this session and not yet flushed is served from
+        the session, one deleted in it gives ``default``; otherwise it is
+        read from the server (``GET /db/id/filename``).
+        """
+        entry = self._held(id_or_doc, required=False)
+        if entry is not None:
+            if entry.state is _DELETED:
+                return default
+            if filename in entry.attachments:
+                attachment = entry.attachments[filename]
+                if attachment is None:
+                    return default
+                return _io.BytesIO(attachment.read())
+            if entry.state is _NEW and entry.rev is None:
+                return default          # not on the server yet
+        data = self.db.get_attachment(entry.id if entry else id_or_doc,
+                                      filename, _MISSING)
+        if data is _MISSING:
+            return default
+        # python-couchdb gives None for an empty body.
+        return _io.BytesIO(b'') if data is None else data
+
+    def delete_attachment(self, doc, filename):
+        """Queue the deletion of an attachment of ``doc``; it goes in the
+        ``_bulk_docs`` request of the document. Deleting an attachment put
+        in this session and not yet flushed just forgets it.
+
+        :raise ResourceNotFound: if the document has no such attachment, or
+                                 is deleted in this session
+        """
+        self._live(doc).delete_attachment(filename)
+
     # Flushing.
 
     def flush(self, on_conflict=None):
@@ -496,7 +575,7 @@ class Session(object):
         ``exclude``d ids. Entries whose changes cancelled out are clean
         again."""
         plan = _FlushPlan([entry for id, entry in self._pending.items()
-                           if id not in exclude])
+                           if id not in exclude], self.max_inline_attachment)
         plan.clean_unchanged()
         return plan
 
@@ -537,6 +616,7 @@ class Session(object):
             if not resend:
                 break
             self._send(plan, resend, outcomes)
+        self._upload(plan, outcomes)
         # Deletions whose document the server no longer has are done too:
         # there is nothing to retry.
         for id, exc in plan.gone.items():
@@ -572,7 +652,33 @@ class Session(object):
                 if isinstance(outcome, Exception):
                     entry.attempt = payload
                 else:
-                    entry.written(outcome)
+                    entry.written(outcome, payload)
+
+    def _upload(self, plan, outcomes):
+        """PUT the attachments too large to go inline, one request each,
+        streamed, after their document's write; each gives a new
+        revision."""
+        for entry in plan.uploads:
+            if isinstance(outcomes.get(entry.id), Exception) or \
+                    entry.pending is None:
+                continue
+            for filename, attachment in entry.large_attachments(
+                    self.max_inline_attachment):
+                stub = {'_id': entry.id, '_rev': entry.subject.get('_rev')}
+                try:
+                    self.db.put_attachment(stub, attachment.stream(),
+                                           filename, attachment.content_type)
+                except _ResourceConflict as exc:
+                    # The PUT may have been applied before its answer was
+                    # lost (python-couchdb then retried it).
+                    rev, theirs = self._current([entry.id]).get(
+                        entry.id, (None, None))
+                    if not attachment.is_on(theirs, filename):
+                        outcomes[entry.id] = exc
+                        break
+                    stub['_rev'] = rev
+                entry.uploaded(filename, stub['_rev'], attachment)
+                outcomes[entry.id] = stub['_rev']
 
     def _current(self, ids):
         """``{id: (rev, document or None if deleted)}`` of the server's
@@ -672,9 +778,11 @@ class Session(object):
 
         Optimistic: a document is listed from its first change on, even if
         later changes cancel it out; `flush` compares it with the version
-        fetched and sends only real changes.
+        fetched and sends only real changes. A document with attachment
+        changes is listed too.
         """
-        return [e.doc for e in self._pending.values() if e.state is _DIRTY]
+        return [e.doc for e in self._pending.values()
+                if e.state is _DIRTY or e.state is _CLEAN]
 
     @property
     def deleted(self):
@@ -687,7 +795,7 @@ class Session(object):
         """Whether `flush` has anything to send: a new or deleted document,
         or a changed one that differs from the version fetched. No request
         is made."""
-        return any(e.state is not _DIRTY or e.diff()
+        return any(e.state is not _DIRTY or e.diff() or e.attachments
                    for e in self._pending.values())
 
     def expunge(self, doc_or_id):
@@ -797,15 +905,25 @@ class Session(object):
                 return entry
         return None
 
-    def _held(self, doc_or_id):
+    def _held(self, doc_or_id, required=True):
         entry = self._entry_of(doc_or_id)
         if entry is None:
-            id = doc_or_id if isinstance(doc_or_id, str) else (
-                doc_or_id.get('_id') if isinstance(doc_or_id, dict) else None)
-            entry = self._entries.get(id)
-        if entry is None:
+            entry = self._entries.get(_id_of(doc_or_id))
+        if entry is None and required:
             raise KeyError('the session does not hold document %r'
                            % (doc_or_id,))
+        return entry
+
+    def _live(self, doc_or_id):
+        """The entry of a document the session has and has not deleted,
+        fetching it if needed."""
+        entry = self._held(doc_or_id, required=False)
+        if entry is None:
+            self[_id_of(doc_or_id)]
+            entry = self._entries[_id_of(doc_or_id)]
+        if entry.state is _DELETED:
+            raise _ResourceNotFound(('not_found', 'document %r is deleted in '
+                                     'this session' % entry.id))
         return entry
 
     def _row(self, row, wrapper):
@@ -818,6 +936,12 @@ class Session(object):
         if row.get('doc') is not None:
             row['doc'] = self._track(_Document(row['doc']))
         return wrapper(row) if wrapper is not None else row
+
+
+def _id_of(doc_or_id):
+    if isinstance(doc_or_id, dict):
+        return doc_or_id.get('_id')
+    return doc_or_id
 
 
 def _copy_in(data):
@@ -914,29 +1038,36 @@ class _FlushPlan(object):
     `unchanged` the dirty entries whose changes cancelled out.
     """
 
-    def __init__(self, entries):
+    def __init__(self, entries, inline_limit=None):
         self.deleted = []       # entries to delete
         self.created = []       # new entries, written without a base
         self.changed = []       # (entry, diff) of dirty entries that differ
         self.unchanged = []     # dirty entries whose changes cancelled out
+        self.uploads = []       # entries with attachments too large to
+        #                         go inline, uploaded after the bulk request
         self.gone = {}          # id: ResourceNotFound, deletions the server
         #                         turned out not to have (found at write time)
+        self.inline_limit = inline_limit
         self._by_id = {}
         for entry in entries:
             self._by_id[entry.id] = entry
             if entry.state is _DELETED:
                 self.deleted.append(entry)
-            elif entry.state is _NEW:
+                continue
+            if entry.state is _NEW:
                 self.created.append(entry)
             else:
                 diff = entry.diff()
-                if diff:
+                if diff or entry.inline_attachments(inline_limit):
                     self.changed.append((entry, diff))
-                else:
+                elif not entry.large_attachments(inline_limit):
                     self.unchanged.append(entry)
+            if entry.large_attachments(inline_limit):
+                self.uploads.append(entry)
 
     def __bool__(self):
-        return bool(self.deleted or self.created or self.changed)
+        return bool(self.deleted or self.created or self.changed or
+                    self.uploads)
 
     def entry(self, id):
         return self._by_id[id]
@@ -949,7 +1080,7 @@ class _FlushPlan(object):
 
     def only(self, wanted):
         """The part of the plan whose `keys` satisfy ``wanted(key)``."""
-        part = _FlushPlan([])
+        part = _FlushPlan([], self.inline_limit)
         part.deleted = [e for e in self.deleted if wanted((e.id, 'deleted'))]
         part.created = [e for e in self.created if wanted((e.id, 'created'))]
         part.changed = [(e, d) for e, d in self.changed
@@ -979,10 +1110,9 @@ class _FlushPlan(object):
         :raise TypeError, ValueError: for a value JSON cannot carry, naming
                                       the document and the path
         """
-        payloads = []
         for entry in self.created + [e for e, _ in self.changed]:
             _check_json(entry.id, '', entry.subject)
-        return [entry.payload() for entry in
+        return [entry.payload(self.inline_limit) for entry in
                 self.created + [e for e, _ in self.changed] + self.deleted]
 
 
@@ -1045,7 +1175,7 @@ class _Resolver(object):
             rev, theirs = current.get(id, (None, None))
             outcome = self._settle(entry, rev, theirs)
             if outcome is _RESEND:
-                resend.append(entry.payload())
+                resend.append(entry.payload(self.plan.inline_limit))
             elif outcome is not None:
                 outcomes[id] = outcome
         return resend
@@ -1059,11 +1189,10 @@ class _Resolver(object):
             return rev
         if theirs is not None and entry.state is not _DELETED:
             if entry.attempt is not None and \
-                    _content(entry.attempt) == _content(theirs):
-                entry.written(rev)      # this flush's write, answer lost
+                    _same_write(entry.attempt, theirs):
+                entry.written(rev, entry.attempt)   # answer lost
                 return rev
-            if entry.sent is not None and \
-                    _content(entry.sent) == _content(theirs):
+            if entry.sent is not None and _same_write(entry.sent, theirs):
                 # An earlier flush's write reached the server: write the
                 # changes made since over it.
                 entry.rebase(entry.subject, rev, theirs)
@@ -1107,10 +1236,27 @@ class _MergeConflict(Exception):
 _MISSING = object()
 
 
-def _content(document):
+def _content(document, leave_out=('_rev',)):
     """A document without its ``_rev``, for comparing versions."""
     return dict((key, value) for key, value in document.items()
-                if key != '_rev')
+                if key not in leave_out)
+
+
+def _same_write(sent, theirs):
+    """Whether the server's version ``theirs`` is the document ``sent``
+    (attachments sent inline compare by name, type and length)."""
+    mine = sent.get('_attachments') or {}
+    stubs = theirs.get('_attachments') or {}
+    if set(mine) != set(stubs):
+        return False
+    for name, attachment in mine.items():
+        if 'data' in attachment and (
+                stubs[name].get('content_type') !=
+                attachment.get('content_type') or stubs[name].get('length')
+                != len(_base64.b64decode(attachment['data']))):
+            return False
+    leave_out = ('_rev', '_attachments')
+    return _content(sent, leave_out) == _content(theirs, leave_out)
 
 
 def _merge_documents(base, mine, theirs, new):
@@ -1171,7 +1317,7 @@ class _Entry(object):
     """What the session knows of one document id."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries',
-                 'attempt', 'sent')
+                 'attempt', 'sent', 'attachments')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
         self.id = id
@@ -1190,6 +1336,8 @@ class _Entry(object):
         # a flush whose connection failed had sent (`sent`): a server
         # version equal to either is this session's own write.
         self.attempt = self.sent = None
+        # {filename: _Attachment to put, or None to delete} until written.
+        self.attachments = {}
 
     @property
     def subject(self):
@@ -1208,15 +1356,58 @@ class _Entry(object):
         _diff_dict(ops, '', base, self.subject)
         return ops
 
-    def payload(self):
+    def payload(self, inline_limit=None):
         """The document to send, as a new dict python-couchdb may encode
-        (its children are the subject's: send it before any change)."""
+        (its children are the subject's: send it before any change), with
+        the attachment changes that go inline."""
         if self.state is _DELETED:
             return {'_id': self.id, '_rev': self.rev, '_deleted': True}
         payload = dict(self.subject)
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
+        inline = self.inline_attachments(inline_limit)
+        if inline:
+            # Attachments already on the server are sent as stubs: an
+            # update without them would drop them.
+            attachments = dict(payload.get('_attachments') or {})
+            for filename, attachment in inline.items():
+                if attachment is None:
+                    attachments.pop(filename, None)
+                else:
+                    attachments[filename] = attachment.inline()
+            payload['_attachments'] = attachments
         return payload
+
+    def inline_attachments(self, limit):
+        """The attachment changes that go in the bulk request: deletions,
+        and puts of at most ``limit`` bytes."""
+        return dict((name, a) for name, a in self.attachments.items()
+                    if a is None or not a.is_large(limit))
+
+    def large_attachments(self, limit):
+        return [(name, a) for name, a in self.attachments.items()
+                if a is not None and a.is_large(limit)]
+
+    def put_attachment(self, filename, attachment):
+        self.attachments[filename] = attachment
+        if self.state is _CLEAN:
+            self.pending[self.id] = self
+
+    def delete_attachment(self, filename):
+        on_server = filename in (self.subject.get('_attachments') or {})
+        if self.attachments.get(filename) is not None:
+            if on_server:
+                self.attachments[filename] = None
+            else:
+                del self.attachments[filename]      # put, then deleted
+        elif on_server and filename not in self.attachments:
+            self.attachments[filename] = None
+            if self.state is _CLEAN:
+                self.pending[self.id] = self
+        else:
+            raise _ResourceNotFound(
+                ('not_found', 'document %r has no attachment %r'
+                 % (self.id, filename)))
 
     def merge_base(self):
         """The version changes were made from: the one fetched, or the empty
@@ -1239,6 +1430,7 @@ class _Entry(object):
 
     def delete(self, rev=None):
         """Queue the deletion, of revision ``rev`` if given."""
+        self.attachments = {}
         if rev is not None:
             self.rev = rev
         elif self.doc is not None and self.rev is None:
@@ -1280,25 +1472,51 @@ class _Entry(object):
         self.pending[self.id] = self
 
     def clean(self):
-        """The document equals its base: nothing to write."""
+        """The document equals its base: nothing to write (but attachments
+        may wait for their upload)."""
         self.state = _CLEAN
         self.base = self.rev = self.attempt = self.sent = None
-        self.pending.pop(self.id, None)
+        if not self.attachments:
+            self.pending.pop(self.id, None)
 
-    def written(self, rev):
-        """The server accepted this entry's write, giving it ``rev``."""
+    def written(self, rev, payload):
+        """The server accepted this entry's write, ``payload``, giving it
+        ``rev``; the attachment changes that went inline are done."""
         if self.state is _DELETED:
             self.forget()
-        else:
-            self.subject['_rev'] = rev
-            self.clean()
+            return
+        subject = self.subject
+        subject['_rev'] = rev
+        if self.attachments:
+            sent = payload.get('_attachments') or {}
+            stubs = subject.setdefault('_attachments', {})
+            for filename, attachment in list(self.attachments.items()):
+                if attachment is None:
+                    stubs.pop(filename, None)
+                elif 'data' in sent.get(filename, ()):
+                    stubs[filename] = attachment.stub()
+                else:
+                    continue
+                del self.attachments[filename]
+            if not stubs:
+                del subject['_attachments']
+        self.clean()
+
+    def uploaded(self, filename, rev, attachment):
+        """An attachment was uploaded on its own, giving ``rev``."""
+        subject = self.subject
+        subject['_rev'] = rev
+        subject.setdefault('_attachments', {})[filename] = attachment.stub()
+        del self.attachments[filename]
+        self.clean()
 
     def reload(self, document):
         """Hold ``document``, just read from the server, dropping local
-        changes."""
+        changes (attachment changes too)."""
         subject = self.subject
         subject.clear()
         subject.update(document)
+        self.attachments = {}
         self.clean()
 
     def forget(self):
@@ -1311,6 +1529,69 @@ class _Entry(object):
         self.pending = self.entries = None
         if self.state is not _DELETED:
             self.state = _CLEAN
+
+
+class _Attachment(object):
+    """The content of an attachment put in the session, kept until the
+    server has it: bytes, or a seekable file read from where it stood."""
+
+    __slots__ = ('content', 'content_type', 'start', 'size')
+
+    def __init__(self, content, content_type):
+        self.content_type = content_type
+        if isinstance(content, str):
+            content = content.encode('utf-8')
+        elif isinstance(content, _io.TextIOBase):
+            content = content.read().encode('utf-8')
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            self.content = bytes(content)
+            self.start, self.size = 0, len(self.content)
+            return
+        if not hasattr(content, 'read'):
+            raise TypeError('attachment content must be bytes, str or a '
+                            'file-like object, got %s'
+                            % type(content).__name__)
+        if not (hasattr(content, 'seekable') and content.seekable()):
+            # Read it now, into memory or a temporary file, so that it can
+            # be read again if the upload must be retried.
+            spool = _tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+            _shutil.copyfileobj(content, spool)
+            spool.seek(0)
+            content = spool
+        self.content = content
+        self.start = content.tell()
+        self.size = content.seek(0, _io.SEEK_END) - self.start
+        content.seek(self.start)
+
+    def is_large(self, limit):
+        return limit is not None and self.size > limit
+
+    def read(self):
+        if isinstance(self.content, bytes):
+            return self.content
+        self.content.seek(self.start)
+        return self.content.read()
+
+    def stream(self):
+        """The content to upload: bytes, or the file at its start."""
+        if isinstance(self.content, bytes):
+            return self.content
+        self.content.seek(self.start)
+        return self.content
+
+    def inline(self):
+        return {'content_type': self.content_type,
+                'data': _base64.b64encode(self.read()).decode('ascii')}
+
+    def stub(self):
+        return {'content_type': self.content_type, 'length': self.size,
+                'stub': True}
+
+    def is_on(self, document, filename):
+        """Whether ``document`` (a server version) has this attachment."""
+        stub = ((document or {}).get('_attachments') or {}).get(filename)
+        return stub is not None and stub.get('length') == self.size and \
+            stub.get('content_type') == self.content_type
 
 
 # -- Tracked proxies ----------------------------------------------------------
