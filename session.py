@@ -708,6 +708,9 @@ class Session(object):
             if payload.get('_rev') is not _LOOKUP:
                 continue
             id = payload['_id']
+            # Kept in the entry too: a retry after a lost answer must send
+            # the same revision, to be recognised.
+            plan.entry(id).rev = revs.get(id)
             if id in revs:
                 payload['_rev'] = revs[id]
             else:
@@ -1256,7 +1259,9 @@ def _same_write(sent, theirs):
                 != len(_base64.b64decode(attachment['data']))):
             return False
     leave_out = ('_rev', '_attachments')
-    return _content(sent, leave_out) == _content(theirs, leave_out)
+    # Numbers by value: a JavaScript server keeps 1.0 as 1.
+    return _same(_content(sent, leave_out), _content(theirs, leave_out),
+                 loose_numbers=True)
 
 
 def _merge_documents(base, mine, theirs, new):
@@ -1620,16 +1625,18 @@ class _Tracked(_ObjectWrapper):
 
     __slots__ = ('_entry',)
 
-    def __getattribute__(self, name, _get=object.__getattribute__):
-        # ProxyTypes sends every dunder name to the subject, so that an
-        # explicit ``proxy.__setitem__(k, v)`` would change the subject
-        # untracked. The dunders defined here are looked up here first.
-        if name[:2] == '__' and name not in _OWN_DUNDERS:
-            subject = _subject_of(self)
-            if name == '__subject__':
-                return subject
-            return getattr(subject, name)
-        return _get(self, name)
+    # ProxyTypes' wrappers look every dunder name up on the subject, in
+    # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
+    # the subject untracked, and every attribute access costs a Python call.
+    # Plain attribute lookup finds the proxy's own methods first, at C speed;
+    # names it lacks still go to the subject through ProxyTypes'
+    # `__getattr__`. `__class__` stays the subject's, so that
+    # ``isinstance(doc, dict)`` holds.
+    __getattribute__ = object.__getattribute__
+
+    @property
+    def __class__(self):
+        return type(_subject_of(self))
 
     def _touch(self):
         entry = _entry_of(self)
@@ -1646,6 +1653,10 @@ class _Tracked(_ObjectWrapper):
 
     def __deepcopy__(self, memo):
         return _plain(_subject_of(self))
+
+    def __reduce_ex__(self, protocol):
+        # Pickles (and copies) as the plain value.
+        return _plain(_subject_of(self)).__reduce_ex__(protocol)
 
 
 _entry_of = _Tracked._entry.__get__
@@ -1750,8 +1761,8 @@ class _ItemsView(_abc.ItemsView):
     def __iter__(self):
         proxy = self._mapping
         entry = _entry_of(proxy)
-        for key, value in _subject_of(proxy).items():
-            yield key, _wrap(value, entry)
+        return iter([(key, _wrap(value, entry))
+                     for key, value in _subject_of(proxy).items()])
 
 
 class _ValuesView(_abc.ValuesView):
@@ -1762,8 +1773,8 @@ class _ValuesView(_abc.ValuesView):
     def __iter__(self):
         proxy = self._mapping
         entry = _entry_of(proxy)
-        for value in _subject_of(proxy).values():
-            yield _wrap(value, entry)
+        return iter([_wrap(value, entry)
+                     for value in _subject_of(proxy).values()])
 
 
 class _TrackedList(_Tracked):
@@ -1781,13 +1792,12 @@ class _TrackedList(_Tracked):
 
     def __iter__(self):
         entry = _entry_of(self)
-        for value in _subject_of(self):
-            yield _wrap(value, entry)
+        return iter([_wrap(value, entry) for value in _subject_of(self)])
 
     def __reversed__(self):
         entry = _entry_of(self)
-        for value in reversed(_subject_of(self)):
-            yield _wrap(value, entry)
+        return iter([_wrap(value, entry)
+                     for value in reversed(_subject_of(self))])
 
     def __add__(self, other):
         if not isinstance(other, list):
@@ -1872,12 +1882,6 @@ class _TrackedList(_Tracked):
 
 _new = object.__new__
 _WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
-_OWN_DUNDERS = frozenset(
-    name for cls in (_Tracked, _TrackedDict, _TrackedList)
-    for name in vars(cls)
-    if name[:2] == '__' and callable(vars(cls)[name]))
-
-
 def _is_child(value, child):
     """Whether ``value`` is the proxy of ``child`` itself."""
     return isinstance(value, _Tracked) and _subject_of(value) is child
@@ -1924,18 +1928,25 @@ def _escape(key):
     return str(key).replace('~', '~0').replace('/', '~1')
 
 
-def _same(a, b):
-    """Whether ``a`` and ``b`` are the same JSON value (unlike ``==``,
-    ``True`` is not ``1`` and ``1`` is not ``1.0``)."""
+def _same(a, b, loose_numbers=False):
+    """Whether ``a`` and ``b`` are the same JSON value: unlike ``==``,
+    ``True`` is not ``1``, and ``1`` is not ``1.0`` unless
+    ``loose_numbers``."""
     kind = type(a)
     if kind is not type(b):
-        return False
+        return (loose_numbers and kind in _NUMBERS and type(b) in _NUMBERS
+                and a == b)
     if kind is dict:
         return len(a) == len(b) and all(
-            key in b and _same(value, b[key]) for key, value in a.items())
+            key in b and _same(value, b[key], loose_numbers)
+            for key, value in a.items())
     if kind is list:
-        return len(a) == len(b) and all(map(_same, a, b))
+        return len(a) == len(b) and all(
+            _same(x, y, loose_numbers) for x, y in zip(a, b))
     return a == b
+
+
+_NUMBERS = (int, float)
 
 
 def _diff_value(ops, path, old, new):

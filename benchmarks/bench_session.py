@@ -1,0 +1,357 @@
+"""Benchmark: `session` against hand-written python-couchdb, side by side.
+
+Run with ``make bench`` (``BENCH_ARGS='--edit 500'`` passes options on). It
+uses the local PouchDB Server, or the server named by ``COUCHDB_URL``, or
+``--url``. For each workload and each way of doing it, it prints the number
+of HTTP requests, the median wall time over ``--runs`` runs, and the ratio
+to the hand-written bulk baseline:
+
+(a) session   the editing session;
+(b) floor     hand-written python-couchdb with plain dicts: bulk reads, one
+              ``Database.update`` for all writes, only what changed;
+(c) naive     ``db[id]`` per read, ``db.save`` / ``db.delete`` per write.
+
+Workloads:
+
+1. edit: fetch N documents with ``_all_docs?include_docs=true``, change one
+   nested field in each, write.
+2. mixed: one web request: read 50 documents by id (some several times),
+   change 10, create 5, delete 2, write.
+3. idle-cache flush: a session holding N fetched documents, 10 of them
+   changed; the time of ``flush()``'s own work, HTTP excluded (reported
+   apart), against the same flush with 100 held.
+4. read-heavy: read every field of N nested documents through the session,
+   against the same reads on plain dicts.
+5. memory: the memory a session holding N documents keeps, against the
+   same documents held as plain dicts (tracemalloc).
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+import uuid
+
+import couchdb
+import couchdb.http
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import session  # noqa: E402
+from tools.localserver import running_server, temporary_database  # noqa
+
+
+# -- Measuring ----------------------------------------------------------------
+
+class Meter(object):
+    """Counts python-couchdb's HTTP requests and the time spent in them."""
+
+    def __init__(self):
+        self.requests = 0
+        self.http_seconds = 0.0
+        original = self.original = couchdb.http.Session.request
+        meter = self
+
+        def request(self, *args, **kwargs):
+            meter.requests += 1
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                meter.http_seconds += time.perf_counter() - start
+
+        couchdb.http.Session.request = request
+
+    def reset(self):
+        self.requests = 0
+        self.http_seconds = 0.0
+
+    def close(self):
+        couchdb.http.Session.request = self.original
+
+
+def measure(meter, runs, setup, work):
+    """Run ``work(setup())`` ``runs`` times; return (requests of the last
+    run, median seconds, median HTTP seconds)."""
+    times, http = [], []
+    for _ in range(runs):
+        state = setup()
+        gc.collect()
+        meter.reset()
+        start = time.perf_counter()
+        work(state)
+        times.append(time.perf_counter() - start)
+        http.append(meter.http_seconds)
+    return meter.requests, statistics.median(times), statistics.median(http)
+
+
+# -- Documents ----------------------------------------------------------------
+
+def make_doc(n):
+    """A nested document of the size web applications keep."""
+    return {'type': 'person', 'name': 'person %d' % n, 'age': n % 90,
+            'active': n % 3 == 0, 'score': n * 1.5,
+            'address': {'street': '%d High Street' % n, 'city': 'Leeds',
+                        'geo': {'lat': 53.8, 'lon': -1.55}},
+            'tags': ['t%d' % (n % 7), 't%d' % (n % 11), 'member'],
+            'history': [{'at': '2026-01-%02d' % (d + 1), 'event': 'login',
+                         'ok': True} for d in range(3)]}
+
+
+def fill(db, count, prefix='doc'):
+    ids = ['%s%07d' % (prefix, n) for n in range(count)]
+    for start in range(0, count, 5000):
+        db.update([dict(make_doc(n), _id=ids[n])
+                   for n in range(start, min(count, start + 5000))])
+    return ids
+
+
+def walk(value):
+    """Read every field of a document; returns a count of leaves."""
+    if isinstance(value, dict):
+        return sum(walk(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(walk(item) for item in value)
+    return 1
+
+
+# -- Workloads ----------------------------------------------------------------
+
+def edit_workload(db, meter, size, runs):
+    fill(db, size)
+    counter = iter(range(10 ** 9))
+
+    def by_session(_):
+        mark = next(counter)
+        S = session.Session(db)
+        for row in S.view('_all_docs', include_docs=True):
+            row.doc['address']['city'] = 'city %d' % mark
+        S.flush()
+
+    def by_floor(_):
+        mark = next(counter)
+        docs = [row.doc for row in db.view('_all_docs', include_docs=True)]
+        for doc in docs:
+            doc['address']['city'] = 'city %d' % mark
+        db.update(docs)
+
+    def by_naive(_):
+        mark = next(counter)
+        for id in db:
+            doc = db[id]
+            doc['address']['city'] = 'city %d' % mark
+            db.save(doc)
+
+    ways = [('session', by_session), ('floor', by_floor)]
+    if size <= 2000:
+        ways.append(('naive', by_naive))
+    return [(name,) + measure(meter, runs, lambda: None, work)
+            for name, work in ways]
+
+
+def mixed_workload(db, meter, runs):
+    ids = fill(db, 50)
+    # Each id read once, the first ten of them three times more, as a
+    # request handler reads what it needs where it needs it.
+    reads = ids + ids[:10] * 3
+    counter = iter(range(10 ** 9))
+
+    def setup():
+        # Two fresh documents to delete in each run.
+        victims = ['victim-%s' % uuid.uuid4().hex for _ in range(2)]
+        db.update([{'_id': id} for id in victims])
+        return victims
+
+    def by_session(victims):
+        mark = next(counter)
+        S = session.Session(db)
+        S.get_many(ids + victims)
+        for id in reads:
+            S[id]['name']
+        for id in ids[:10]:
+            S[id]['tags'].append('seen %d' % mark)
+        for n in range(5):
+            S.create(make_doc(n))
+        for id in victims:
+            del S[id]
+        S.flush()
+
+    def by_floor(victims):
+        mark = next(counter)
+        rows = db.view('_all_docs', keys=ids + victims, include_docs=True)
+        docs = dict((row.id, row.doc) for row in rows)
+        for id in reads:
+            docs[id]['name']
+        changed = []
+        for id in ids[:10]:
+            docs[id]['tags'].append('seen %d' % mark)
+            changed.append(docs[id])
+        created = [dict(make_doc(n), _id=uuid.uuid4().hex) for n in range(5)]
+        deleted = [{'_id': id, '_rev': docs[id]['_rev'], '_deleted': True}
+                   for id in victims]
+        db.update(changed + created + deleted)
+
+    def by_naive(victims):
+        mark = next(counter)
+        docs = {}
+        for id in reads:
+            docs[id] = db[id]
+            docs[id]['name']
+        for id in ids[:10]:
+            docs[id]['tags'].append('seen %d' % mark)
+            db.save(docs[id])
+        for n in range(5):
+            db.save(dict(make_doc(n), _id=uuid.uuid4().hex))
+        for id in victims:
+            db.delete(db[id])
+
+    return [(name,) + measure(meter, runs, setup, work) for name, work in
+            [('session', by_session), ('floor', by_floor),
+             ('naive', by_naive)]]
+
+
+def idle_flush_workload(db, meter, sizes, runs):
+    ids = fill(db, max(sizes))
+    results = []
+    counter = iter(range(10 ** 9))
+    for size in sizes:
+        S = session.Session(db)
+        for start in range(0, size, 10000):
+            S.get_many(ids[start:min(size, start + 10000)])
+
+        def change(S=S):
+            mark = next(counter)
+            for id in ids[:10]:
+                S[id]['address']['city'] = 'idle %d' % mark
+            return S
+
+        def flush(S):
+            S.flush()
+
+        requests, seconds, http = measure(meter, runs, change, flush)
+        results.append(('session holding %d' % size, requests,
+                        seconds - http, http))
+        del S
+        gc.collect()
+    return results
+
+
+def read_workload(db, meter, size, runs):
+    ids = fill(db, size)
+    S = session.Session(db)
+    tracked = S.get_many(ids)
+    plain = [row.doc for row in db.view('_all_docs', keys=ids,
+                                        include_docs=True)]
+    assert walk(tracked) == walk(plain)
+    return [(name,) + measure(meter, runs, lambda: None,
+                              lambda _, docs=docs: walk(docs))
+            for name, docs in [('session', tracked), ('plain', plain)]]
+
+
+def memory_workload(db, size):
+    ids = fill(db, size)
+
+    def held(load):
+        gc.collect()
+        tracemalloc.start()
+        kept = load()
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del kept
+        return current, peak
+
+    def by_session():
+        S = session.Session(db)
+        S.get_many(ids)
+        return S
+
+    def by_plain():
+        return [row.doc for row in db.view('_all_docs', keys=ids,
+                                           include_docs=True)]
+
+    return [(name,) + held(load) for name, load in
+            [('session', by_session), ('plain', by_plain)]]
+
+
+# -- Report -------------------------------------------------------------------
+
+def report(title, rows, baseline):
+    print('\n%s' % title)
+    print('  %-26s %9s %12s %8s' % ('way', 'requests', 'median s', 'ratio'))
+    base = dict((row[0], row[2]) for row in rows)[baseline]
+    for name, requests, seconds, *rest in rows:
+        print('  %-26s %9d %12.4f %8.2f' % (name, requests, seconds,
+                                            seconds / base if base else 0))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--url', help='server URL (default: COUCHDB_URL or '
+                        'a local PouchDB Server)')
+    parser.add_argument('--runs', type=int, default=5)
+    parser.add_argument('--edit', type=int, default=2000, metavar='N')
+    parser.add_argument('--idle', type=int, default=100000, metavar='N')
+    parser.add_argument('--read', type=int, default=2000, metavar='N')
+    parser.add_argument('--memory', type=int, default=10000, metavar='N')
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny sizes, one run: checks the script works')
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs, args.edit, args.idle, args.read, args.memory = \
+            1, 20, 200, 20, 50
+    if args.url:
+        run(args, args.url)
+    else:
+        with running_server() as url:
+            run(args, url)
+
+
+def run(args, url):
+    meter = Meter()
+    welcome = couchdb.Server(url).resource.get_json()[2]
+    server = ('PouchDB Server %s' % welcome['version']
+              if 'express-pouchdb' in welcome else
+              'CouchDB %s' % welcome['version'])
+    print('session benchmark on %s, %d run(s) each, median wall time'
+          % (server, args.runs))
+    try:
+        with temporary_database(url) as db:
+            report('1. edit %d documents' % args.edit,
+                   edit_workload(db, meter, args.edit, args.runs), 'floor')
+        with temporary_database(url) as db:
+            report('2. mixed request (read 50, change 10, create 5, '
+                   'delete 2)', mixed_workload(db, meter, args.runs), 'floor')
+        with temporary_database(url) as db:
+            small = min(100, args.idle)
+            rows = idle_flush_workload(db, meter, [small, args.idle],
+                                       args.runs)
+            print('\n3. idle-cache flush: 10 changed documents, flush() own '
+                  'work (HTTP apart)')
+            for name, requests, own, http in rows:
+                print('  %-26s %9d %10.5f s own %8.4f s HTTP' % (
+                    name, requests, own, http))
+            print('  ratio %d held / %d held: %.2f' % (
+                args.idle, small, rows[1][2] / rows[0][2]))
+        with temporary_database(url) as db:
+            report('4. read every field of %d documents' % args.read,
+                   read_workload(db, meter, args.read, args.runs), 'plain')
+        with temporary_database(url) as db:
+            rows = memory_workload(db, args.memory)
+            print('\n5. memory held by %d documents (tracemalloc)'
+                  % args.memory)
+            for name, current, peak in rows:
+                print('  %-26s %9.1f MB held %9.1f MB peak' % (
+                    name, current / 1e6, peak / 1e6))
+            print('  ratio session / plain: %.2f held, %.2f peak' % (
+                rows[0][1] / rows[1][1], rows[0][2] / rows[1][2]))
+    finally:
+        meter.close()
+
+
+if __name__ == '__main__':
+    main()
