@@ -7,6 +7,7 @@ what went over the wire.
 
 import copy
 import doctest
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import pytest
 
 import session
 from session import FlushError, Session
+from tools.localserver import temporary_database
 
 
 # -- Fixtures and helpers -----------------------------------------------------
@@ -1095,3 +1097,41 @@ def test_augmented_assignment_keeps_references_to_the_child(db):
     S.flush()
     assert db['a']['tags'] == ['a', 'b', 'c']
     assert db['a']['nested'] == {'l': [1, 1, 9]}
+
+
+# -- The benchmark ------------------------------------------------------------
+
+def test_benchmark_smoke_run(server_url, capsys):
+    """benchmarks/bench_session.py runs at tiny sizes (no time is
+    asserted: speed is measured by `make bench`)."""
+    bench = load_benchmark()
+    bench.main(['--smoke', '--url', server_url])
+    out = capsys.readouterr().out
+    for title in ('1. edit', '2. mixed', '3. idle-cache', '4. read',
+                  '5. memory'):
+        assert title in out
+
+
+def test_benchmark_session_requests_match_the_hand_written_floor(server):
+    """On the edit and mixed workloads the session makes exactly as many
+    requests as hand-written bulk code, however often it reads an id."""
+    bench = load_benchmark()
+    meter = bench.Meter()
+    try:
+        for workload in (lambda db: bench.edit_workload(db, meter, 30, 1),
+                         lambda db: bench.mixed_workload(db, meter, 1)):
+            with temporary_database(server) as db:
+                requests = dict((row[0], row[1]) for row in workload(db))
+            assert requests['session'] == requests['floor'] == 2
+            assert requests['naive'] > 30
+    finally:
+        meter.close()
+
+
+def load_benchmark():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        'benchmarks', 'bench_session.py')
+    spec = importlib.util.spec_from_file_location('bench_session', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
