@@ -1426,12 +1426,20 @@ class _Entry(object):
     def doc_or_stub(self):
         return self.doc if self.doc is not None else _Document(_id=self.id)
 
+    def hold(self, document):
+        """Make ``document`` (the session's own copy) the content of this
+        entry's document; the object handed out stays the same."""
+        if self.doc is None:
+            self.doc = _root(document, self)
+        else:
+            subject = self.subject
+            subject.clear()
+            subject.update(document)
+
     def replace(self, content):
         """Give the document new content, keeping the object."""
         self.touch()
-        subject = self.subject
-        subject.clear()
-        subject.update(content)
+        self.hold(content)
 
     def delete(self, rev=None):
         """Queue the deletion, of revision ``rev`` if given."""
@@ -1446,12 +1454,7 @@ class _Entry(object):
     def recreate(self, document):
         """Hold ``document``, new content for this deleted entry, to be
         written over the deleted revision (kept in `rev`)."""
-        if self.doc is None:
-            self.doc = _root(document, self)
-        else:
-            subject = self.subject
-            subject.clear()
-            subject.update(document)
+        self.hold(document)
         self.state = _NEW
         self.base = {}
         self.pending[self.id] = self
@@ -1465,12 +1468,7 @@ class _Entry(object):
         document.pop('_rev', None)
         if rev is not None:
             document['_rev'] = rev
-        if self.doc is None:
-            self.doc = _root(document, self)
-        else:
-            subject = self.subject
-            subject.clear()
-            subject.update(document)
+        self.hold(document)
         self.base = _plain(theirs) if theirs is not None else {}
         self.state = _DIRTY
         self.rev = self.sent = None
@@ -1518,9 +1516,7 @@ class _Entry(object):
     def reload(self, document):
         """Hold ``document``, just read from the server, dropping local
         changes (attachment changes too)."""
-        subject = self.subject
-        subject.clear()
-        subject.update(document)
+        self.hold(document)
         self.attachments = {}
         self.clean()
 
