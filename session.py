@@ -34,6 +34,7 @@ Contents:
 
 import base64 as _base64
 import collections.abc as _abc
+import hashlib as _hashlib
 import io as _io
 import logging as _logging
 import math as _math
@@ -44,7 +45,11 @@ import tempfile as _tempfile
 import uuid as _uuid
 
 from couchdb.client import Document as _Document, Row as _Row
-from couchdb.http import (Forbidden as _Forbidden,
+from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
+                          Forbidden as _Forbidden,
+                          HTTPError as _HTTPError,
+                          Resource as _Resource,
+                          Session as _HTTPSession,
                           ResourceConflict as _ResourceConflict,
                           ResourceNotFound as _ResourceNotFound,
                           ServerError as _ServerError,
@@ -156,6 +161,7 @@ class Session(object):
         self._entries = {}
         self._pending = {}
         self._flushing = False
+        self._uploads = None
 
     def __repr__(self):
         return '<%s %r: %d held, %d pending>' % (
@@ -606,17 +612,17 @@ class Session(object):
         self._look_up_revisions(plan, payloads)
         outcomes = {}                   # id: new rev or exception
         self._send(plan, payloads, outcomes)
+        resolver = _Resolver(self, plan, on_conflict)
         for _ in range(self.max_conflict_rounds):
             conflicted = [id for id, outcome in outcomes.items()
                           if isinstance(outcome, _ResourceConflict)]
             if not conflicted:
                 break
-            resend = _Resolver(self, plan, on_conflict).resolve(conflicted,
-                                                                outcomes)
+            resend = resolver.resolve(conflicted, outcomes)
             if not resend:
                 break
             self._send(plan, resend, outcomes)
-        self._upload(plan, outcomes)
+        self._upload(plan, outcomes, resolver)
         # Deletions whose document the server no longer has are done too:
         # there is nothing to retry.
         for id, exc in plan.gone.items():
@@ -654,7 +660,7 @@ class Session(object):
                 else:
                     entry.written(outcome, payload)
 
-    def _upload(self, plan, outcomes):
+    def _upload(self, plan, outcomes, resolver):
         """PUT the attachments too large to go inline, one request each,
         streamed, after their document's write; each gives a new
         revision."""
@@ -664,21 +670,71 @@ class Session(object):
                 continue
             for filename, attachment in entry.large_attachments(
                     self.max_inline_attachment):
-                stub = {'_id': entry.id, '_rev': entry.subject.get('_rev')}
-                try:
-                    self.db.put_attachment(stub, attachment.stream(),
-                                           filename, attachment.content_type)
-                except _ResourceConflict as exc:
-                    # The PUT may have been applied before its answer was
-                    # lost (python-couchdb then retried it).
-                    rev, theirs = self._current([entry.id]).get(
-                        entry.id, (None, None))
-                    if not attachment.is_on(theirs, filename):
-                        outcomes[entry.id] = exc
-                        break
-                    stub['_rev'] = rev
-                entry.uploaded(filename, stub['_rev'], attachment)
-                outcomes[entry.id] = stub['_rev']
+                outcomes[entry.id] = self._upload_one(
+                    plan, entry, filename, attachment, resolver, outcomes)
+                if isinstance(outcomes[entry.id], Exception):
+                    break
+
+    def _upload_one(self, plan, entry, filename, attachment, resolver,
+                    outcomes):
+        """PUT one attachment: the new revision, or the exception of the
+        refusal. A conflict is settled as for bulk writes (a lost answer
+        is recognised, ``on_conflict`` applies) and the PUT tried again."""
+        for _ in range(self.max_conflict_rounds):
+            try:
+                answer = self._put_attachment(entry, filename, attachment)
+            except _ResourceConflict as exc:
+                refusal = exc
+                rev, theirs = self._current([entry.id]).get(
+                    entry.id, (None, None))
+                if attachment.is_on(theirs, filename):
+                    entry.uploaded(filename, rev, attachment)
+                    return rev          # uploaded; the answer was lost
+                outcome = resolver.settle(entry, rev, theirs)
+                if outcome is _RESEND:
+                    self._send(plan, [entry.payload(plan.inline_limit)],
+                               outcomes)
+                    outcome = outcomes[entry.id]
+                if outcome is None or isinstance(outcome, Exception):
+                    return outcome or refusal
+            except _HTTPError as exc:
+                return exc
+            else:
+                entry.uploaded(filename, answer['rev'], attachment)
+                return answer['rev']
+        return refusal
+
+    def _put_attachment(self, entry, filename, attachment):
+        """``PUT /db/id/filename?rev=...``, streamed; tried a second time,
+        from the start of the content, when the connection fails as
+        python-couchdb would retry it."""
+        for retry in (True, False):
+            try:
+                return self._uploader(entry.id).put_json(
+                    filename, body=attachment.stream(),
+                    headers={'Content-Type': attachment.content_type},
+                    rev=entry.subject.get('_rev'))[2]
+            except OSError as exc:
+                if not retry or not exc.args or \
+                        exc.args[0] not in _RETRYABLE_ERRORS:
+                    raise
+
+    def _uploader(self, id):
+        """The resource of document ``id`` for uploads, through an HTTP
+        session of its own that does not retry by itself: python-couchdb
+        retries a failed request once, and would read a streamed file on
+        from where the failed attempt left it (`_put_attachment` retries
+        from the start instead)."""
+        if self._uploads is None:
+            resource = self.db.resource
+            timeout = getattr(resource.session, '_timeout', None)
+            self._uploads = _Resource(
+                resource.url, _HTTPSession(timeout=timeout, retryable_errors=()))
+            self._uploads.credentials = resource.credentials
+            self._uploads.headers = dict(resource.headers)
+        if id.startswith('_design/'):
+            return self._uploads('_design', id[len('_design/'):])
+        return self._uploads(id)
 
     def _current(self, ids):
         """``{id: (rev, document or None if deleted)}`` of the server's
@@ -798,7 +854,8 @@ class Session(object):
         """Whether `flush` has anything to send: a new or deleted document,
         or a changed one that differs from the version fetched. No request
         is made."""
-        return any(e.state is not _DIRTY or e.diff() or e.attachments
+        return any(e.state is _NEW or e.state is _DELETED or e.attachments
+                   or (e.state is _DIRTY and e.diff())
                    for e in self._pending.values())
 
     def expunge(self, doc_or_id):
@@ -1154,7 +1211,7 @@ def _check_json(id, path, value):
 
 # -- Conflicts ----------------------------------------------------------------
 
-# What `_Resolver._settle` returns for a document to send again.
+# What `_Resolver.settle` returns for a document to send again.
 _RESEND = object()
 
 
@@ -1176,14 +1233,14 @@ class _Resolver(object):
         for id in ids:
             entry = self.plan.entry(id)
             rev, theirs = current.get(id, (None, None))
-            outcome = self._settle(entry, rev, theirs)
+            outcome = self.settle(entry, rev, theirs)
             if outcome is _RESEND:
                 resend.append(entry.payload(self.plan.inline_limit))
             elif outcome is not None:
                 outcomes[id] = outcome
         return resend
 
-    def _settle(self, entry, rev, theirs):
+    def settle(self, entry, rev, theirs):
         """The new outcome for ``entry`` given the server's ``theirs`` at
         ``rev``: a revision (written), an exception (refused), `_RESEND`,
         or ``None`` to keep the conflict."""
@@ -1227,6 +1284,11 @@ class _Resolver(object):
                 entry.forget()
                 return rev
             entry.delete(rev)
+        elif theirs is not None and _same(_content(content), _content(theirs)) \
+                and not entry.inline_attachments(self.plan.inline_limit):
+            entry.rebase(theirs, rev, theirs)   # the server has it already
+            entry.clean()
+            return rev
         else:
             entry.rebase(content, rev, theirs)
         return _RESEND
@@ -1322,7 +1384,7 @@ class _Entry(object):
     """What the session knows of one document id."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries',
-                 'attempt', 'sent', 'attachments')
+                 'attempt', 'sent', 'attachments', 'digests')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
         self.id = id
@@ -1343,6 +1405,11 @@ class _Entry(object):
         self.attempt = self.sent = None
         # {filename: _Attachment to put, or None to delete} until written.
         self.attachments = {}
+        # {filename: MD5 digest} of attachments this session wrote. PouchDB
+        # Server finds a stub's attachment by its digest; the session's
+        # stubs show none (CouchDB computes a different one for compressible
+        # types, and ignores it in stubs), so it is added when sending.
+        self.digests = None
 
     @property
     def subject(self):
@@ -1371,10 +1438,14 @@ class _Entry(object):
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
         inline = self.inline_attachments(inline_limit)
-        if inline:
+        if inline or self.digests:
             # Attachments already on the server are sent as stubs: an
             # update without them would drop them.
             attachments = dict(payload.get('_attachments') or {})
+            for filename, digest in (self.digests or {}).items():
+                if 'digest' not in attachments.get(filename, {'digest': 0}):
+                    attachments[filename] = dict(attachments[filename],
+                                                 digest=digest)
             for filename, attachment in inline.items():
                 if attachment is None:
                     attachments.pop(filename, None)
@@ -1405,6 +1476,8 @@ class _Entry(object):
                 self.attachments[filename] = None
             else:
                 del self.attachments[filename]      # put, then deleted
+                if self.state is _CLEAN and not self.attachments:
+                    self.pending.pop(self.id, None)
         elif on_server and filename not in self.attachments:
             self.attachments[filename] = None
             if self.state is _CLEAN:
@@ -1497,7 +1570,7 @@ class _Entry(object):
                 if attachment is None:
                     stubs.pop(filename, None)
                 elif 'data' in sent.get(filename, ()):
-                    stubs[filename] = attachment.stub()
+                    self.stub(filename, attachment)
                 else:
                     continue
                 del self.attachments[filename]
@@ -1507,11 +1580,18 @@ class _Entry(object):
 
     def uploaded(self, filename, rev, attachment):
         """An attachment was uploaded on its own, giving ``rev``."""
-        subject = self.subject
-        subject['_rev'] = rev
-        subject.setdefault('_attachments', {})[filename] = attachment.stub()
+        self.subject['_rev'] = rev
+        self.stub(filename, attachment)
         del self.attachments[filename]
         self.clean()
+
+    def stub(self, filename, attachment):
+        """Record in the document that the server has ``attachment``."""
+        stubs = self.subject.setdefault('_attachments', {})
+        stubs[filename] = attachment.stub()
+        if self.digests is None:
+            self.digests = {}
+        self.digests[filename] = attachment.digest()
 
     def reload(self, document):
         """Hold ``document``, just read from the server, dropping local
@@ -1536,10 +1616,11 @@ class _Attachment(object):
     """The content of an attachment put in the session, kept until the
     server has it: bytes, or a seekable file read from where it stood."""
 
-    __slots__ = ('content', 'content_type', 'start', 'size')
+    __slots__ = ('content', 'content_type', 'start', 'size', 'md5')
 
     def __init__(self, content, content_type):
         self.content_type = content_type
+        self.md5 = None
         if isinstance(content, str):
             content = content.encode('utf-8')
         elif isinstance(content, _io.TextIOBase):
@@ -1587,6 +1668,19 @@ class _Attachment(object):
     def stub(self):
         return {'content_type': self.content_type, 'length': self.size,
                 'stub': True}
+
+    def digest(self):
+        """The MD5 digest of the content, as PouchDB Server gives it."""
+        if self.md5 is None:
+            md5 = _hashlib.md5()
+            stream = self.stream()
+            if isinstance(stream, bytes):
+                md5.update(stream)
+            else:
+                for chunk in iter(lambda: stream.read(1 << 16), b''):
+                    md5.update(chunk)
+            self.md5 = 'md5-' + _base64.b64encode(md5.digest()).decode()
+        return self.md5
 
     def is_on(self, document, filename):
         """Whether ``document`` (a server version) has this attachment."""
