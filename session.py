@@ -37,6 +37,7 @@ import collections.abc as _abc
 import hashlib as _hashlib
 import io as _io
 import logging as _logging
+import marshal as _marshal
 import math as _math
 import mimetypes as _mimetypes
 import os as _os
@@ -515,8 +516,9 @@ class Session(object):
           on both sides differently, a key removed on one side and changed
           on the other, or a deletion against a change, are real conflicts
           that stay pending, untouched, in `FlushError`. The merged
-          document is written over the server's revision and the server's
-          version becomes its base.
+          document is written over the server's revision (unless the
+          server has it already: then it is taken as it is) and the
+          server's version becomes its base.
         - a function ``resolve(mine, theirs, base)`` of plain copies
           (``None`` for a deleted side) returning the document to write, or
           ``None`` to leave it pending and reported.
@@ -562,7 +564,7 @@ class Session(object):
             written, refused = self._write(plan, on_conflict)
             results.extend(written)
             failures.update(refused)
-            done = plan.without(refused)
+            done = plan.without(refused) if self._hooked('post') else None
             if done:
                 self.post_flush_hook(done.deleted_docs(),
                                      done.created_docs(),
@@ -589,12 +591,12 @@ class Session(object):
         """The plan of the next bulk request, after calling the pre-flush
         hook until it adds no work."""
         plan = self._plan(exclude)
-        hooked = (self._pre_flush is not None or
-                  type(self).pre_flush_hook is not Session.pre_flush_hook)
+        if not self._hooked('pre'):
+            return plan
         seen = set()
         for _ in range(self.max_hook_rounds):
             news = plan.only(lambda key: key not in seen)
-            if not news or not hooked:
+            if not news:
                 return plan
             seen |= news.keys()
             self.pre_flush_hook(news.deleted_docs(), news.created_docs(),
@@ -604,6 +606,15 @@ class Session(object):
         raise RuntimeError(
             'flush() gave up after %d calls of the pre-flush hook: it keeps '
             'creating work. Nothing was sent.' % self.max_hook_rounds)
+
+    def _hooked(self, when):
+        """Whether there is a ``'pre'`` or ``'post'`` flush hook to call
+        (given to the session, or a subclass's method)."""
+        if when == 'pre':
+            return self._pre_flush is not None or \
+                type(self).pre_flush_hook is not Session.pre_flush_hook
+        return self._post_flush is not None or \
+            type(self).post_flush_hook is not Session.post_flush_hook
 
     def _write(self, plan, on_conflict):
         """Send ``plan``, resolve its conflicts and apply the answers:
@@ -1170,8 +1181,14 @@ class _FlushPlan(object):
         :raise TypeError, ValueError: for a value JSON cannot carry, naming
                                       the document and the path
         """
-        for entry in self.created + [e for e, _ in self.changed]:
-            _check_json(entry.id, '', entry.subject)
+        for entry in self.created:
+            _check_json(entry.id, entry.subject)
+        # A changed document was valid as fetched: only what its diff puts
+        # in needs checking (`_diff_dict` checks the keys it adds).
+        for entry, diff in self.changed:
+            for op in diff:
+                if 'value' in op:
+                    _check_json(entry.id, op['value'], op['path'])
         return [entry.payload(self.inline_limit) for entry in
                 self.created + [e for e, _ in self.changed] + self.deleted]
 
@@ -1183,30 +1200,53 @@ def _check_on_conflict(on_conflict):
                      "a function, got %r" % (on_conflict,))
 
 
-def _check_json(id, path, value):
-    """Raise TypeError or ValueError if ``value`` (at ``path`` in document
-    ``id``) holds anything JSON cannot carry."""
+def _check_json(id, value, path=''):
+    """Raise TypeError or ValueError, naming the path, if ``value`` (at
+    ``path`` in document ``id``) holds anything JSON cannot carry."""
+    problem = _json_problem(value)
+    if problem is not None:
+        keys, error, message = problem
+        path += ''.join('/' + _escape(key) for key in reversed(keys))
+        raise error(_NOT_JSON % (id, message % (path or '/')))
+
+
+_NOT_JSON = ('document %r holds what JSON cannot carry: %s. Nothing was '
+             'sent: fix it, and flush again.')
+_BAD_KEY = 'the key %r at %s is a %s, but JSON object keys must be strings'
+
+
+# The types of the values `_json_problem` passes at once.
+_JSON_LEAVES = frozenset([str, int, bool, type(None)])
+
+
+def _json_problem(value):
+    """``None`` if JSON can carry ``value``; else ``(keys, exception class,
+    message with a %s for the path)``, the keys leading to the bad value in
+    reverse order. The path is only made for a bad value: this runs over
+    every document a flush sends."""
     if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(
-                    'document %r cannot be flushed: the key %r at %s is a '
-                    '%s, but JSON object keys must be strings. Nothing was '
-                    'sent.' % (id, key, path or '/', type(key).__name__))
-            _check_json(id, path + '/' + _escape(key), item)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_json(id, '%s/%d' % (path, index), item)
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
     elif isinstance(value, float):
-        if not _math.isfinite(value):
-            raise ValueError(
-                'document %r cannot be flushed: the value at %s is %r, which '
-                'JSON cannot carry. Nothing was sent.' % (id, path, value))
-    elif not isinstance(value, (str, int, type(None))):
-        raise TypeError(
-            'document %r cannot be flushed: the value at %s is a %s, which '
-            'JSON cannot carry. Nothing was sent.'
-            % (id, path or '/', type(value).__name__))
+        if _math.isfinite(value):
+            return None
+        return [], ValueError, 'the value at %%s is %r' % value
+    elif isinstance(value, (str, int, type(None))):
+        return None
+    else:
+        return [], TypeError, 'the value at %%s is a %s' % type(value).__name__
+    keyed = isinstance(value, dict)
+    for key, item in items:
+        if keyed and not isinstance(key, str):
+            return [], TypeError, _BAD_KEY % (key, '%s', type(key).__name__)
+        if type(item) in _JSON_LEAVES:
+            continue
+        problem = _json_problem(item)
+        if problem is not None:
+            problem[0].append(key)
+            return problem
+    return None
 
 
 # -- Conflicts ----------------------------------------------------------------
@@ -1276,7 +1316,7 @@ class _Resolver(object):
             if content is None:
                 return None
             try:
-                _check_json(entry.id, '', _copy_in(content))
+                _check_json(entry.id, _copy_in(content))
             except (TypeError, ValueError) as exc:
                 return exc
         if content is None or content.get('_deleted'):
@@ -1424,8 +1464,12 @@ class _Entry(object):
 
     def diff(self):
         ops = []
-        base = self.base if self.state is not _CLEAN else self.subject
-        _diff_dict(ops, '', base, self.subject)
+        if self.state is _CLEAN:
+            return ops
+        try:
+            _diff_dict(ops, None, self.base, self.subject)
+        except _BadKey as exc:
+            raise TypeError(_NOT_JSON % (self.id, exc))
         return ops
 
     def payload(self, inline_limit=None):
@@ -2007,9 +2051,11 @@ def _plain(value):
         value = _subject_of(value)
     kind = type(value)
     if kind is dict or (kind is not list and isinstance(value, dict)):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: item if type(item) in _JSON_LEAVES else _plain(item)
+                for key, item in value.items()}
     if kind is list or isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [item if type(item) in _JSON_LEAVES else _plain(item)
+                for item in value]
     return value
 
 
@@ -2022,10 +2068,23 @@ def _same(a, b, loose_numbers=False):
     """Whether ``a`` and ``b`` are the same JSON value: unlike ``==``,
     ``True`` is not ``1``, and ``1`` is not ``1.0`` unless
     ``loose_numbers``."""
+    if a is b:
+        return True
     kind = type(a)
     if kind is not type(b):
         return (loose_numbers and kind in _NUMBERS and type(b) in _NUMBERS
                 and a == b)
+    if kind is dict or kind is list:
+        # Fast paths in C: containers that differ by ``==`` differ; equal
+        # ones whose marshal bytes (which tell True from 1 from 1.0) agree
+        # are the same. Only the rest is compared item by item.
+        if a != b:
+            return False
+        try:
+            if _marshal.dumps(a, 2) == _marshal.dumps(b, 2):
+                return True
+        except ValueError:
+            pass
     if kind is dict:
         return len(a) == len(b) and all(
             key in b and _same(value, b[key], loose_numbers)
@@ -2037,6 +2096,20 @@ def _same(a, b, loose_numbers=False):
 
 
 _NUMBERS = (int, float)
+_CONTAINERS = (dict, list)
+
+
+# Paths are (parent path, key) pairs, the root's is None: the JSON Pointer
+# is only made for an operation, since diffs run over every changed
+# document a flush sends.
+
+def _pointer(path):
+    """The JSON Pointer (RFC 6901) of a path."""
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append('/' + _escape(key))
+    return ''.join(reversed(keys))
 
 
 def _diff_value(ops, path, old, new):
@@ -2050,21 +2123,35 @@ def _diff_value(ops, path, old, new):
             return _diff_list(ops, path, old, new)
         if old == new:
             return
-    ops.append({'op': 'replace', 'path': path, 'value': _plain(new),
+    ops.append({'op': 'replace', 'path': _pointer(path), 'value': _plain(new),
                 'was': _plain(old)})
 
 
 def _diff_dict(ops, path, old, new):
     for key, value in old.items():
-        if key in new:
-            _diff_value(ops, path + '/' + _escape(key), value, new[key])
-        else:
-            ops.append({'op': 'remove', 'path': path + '/' + _escape(key),
+        if key not in new:
+            ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _plain(value)})
+            continue
+        other = new[key]
+        # Most values did not change: skip equal leaves without a call.
+        if value is other or (type(value) in _JSON_LEAVES and
+                              type(value) is type(other) and value == other):
+            continue
+        if type(value) in _CONTAINERS and _same(value, other):
+            continue
+        _diff_value(ops, (path, key), value, other)
     for key, value in new.items():
         if key not in old:
-            ops.append({'op': 'add', 'path': path + '/' + _escape(key),
+            if not isinstance(key, str):
+                raise _BadKey(_BAD_KEY % (key, _pointer(path) or '/',
+                                          type(key).__name__))
+            ops.append({'op': 'add', 'path': _pointer((path, key)),
                         'value': _plain(value)})
+
+
+class _BadKey(TypeError):
+    """A dict key JSON cannot carry, met by a diff (private)."""
 
 
 def _diff_list(ops, path, old, new):
@@ -2079,10 +2166,10 @@ def _diff_list(ops, path, old, new):
         new_end -= 1
     paired = min(old_end, new_end) - head
     for index in range(head, head + paired):
-        _diff_value(ops, '%s/%d' % (path, index), old[index], new[index])
+        _diff_value(ops, (path, index), old[index], new[index])
     for index in range(head + paired, new_end):
-        ops.append({'op': 'add', 'path': '%s/%d' % (path, index),
+        ops.append({'op': 'add', 'path': _pointer((path, index)),
                     'value': _plain(new[index])})
     for index in range(head + paired, old_end):
-        ops.append({'op': 'remove', 'path': '%s/%d' % (path, head + paired),
+        ops.append({'op': 'remove', 'path': _pointer((path, head + paired)),
                     'was': _plain(old[index])})
