@@ -1423,15 +1423,25 @@ _LOOKUP = object()
 class _Entry(object):
     """What the session knows of one document id."""
 
-    __slots__ = ('id', 'doc', 'state', 'base', 'rev', 'pending', 'entries',
-                 'attempt', 'sent', 'attachments', 'digests')
+    __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
+                 'pending', 'entries', 'attempt', 'sent', 'attachments',
+                 'digests')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
         self.id = id
         # The tracked root proxy; None for a deletion by id only.
         self.doc = None if document is None else _root(document, self)
         self.state = state
+        # What the document is diffed against: `base` is a whole version,
+        # for new documents (the empty one) and resolved ones (the
+        # server's); a document changed since it was clean has `copies`
+        # instead: {id(dict or list): (it, a shallow copy before its first
+        # change)}, and `marked`: {id: dict or list} for those and the
+        # ones holding them. Dicts and lists never copied are as they were:
+        # copying only what changes keeps the first change cheap, and diffs
+        # follow the marked ones only. None but in those states.
         self.base = base
+        self.copies = self.marked = None
         # For DELETED: the revision to delete. For NEW: the revision of a
         # deleted document this one replaces. Either may be _LOOKUP.
         self.rev = rev
@@ -1458,7 +1468,9 @@ class _Entry(object):
     def touch(self):
         """Called before the first change of a clean document."""
         if self.state is _CLEAN and self.pending is not None:
-            self.base = _plain(self.subject)
+            subject = self.subject
+            self.copies = {id(subject): (subject, dict(subject))}
+            self.marked = {id(subject): subject}
             self.state = _DIRTY
             self.pending[self.id] = self
 
@@ -1467,7 +1479,11 @@ class _Entry(object):
         if self.state is _CLEAN:
             return ops
         try:
-            _diff_dict(ops, None, self.base, self.subject)
+            if self.copies is not None:
+                _diff_tracked(ops, None, self.subject, self.copies,
+                              self.marked)
+            else:
+                _diff_dict(ops, None, self.base, self.subject)
         except _BadKey as exc:
             raise TypeError(_NOT_JSON % (self.id, exc))
         return ops
@@ -1536,6 +1552,8 @@ class _Entry(object):
         document for one created or adopted in the session."""
         if self.state is _NEW:
             return {}
+        if self.copies is not None:
+            return _materialize(self.subject, self.copies)
         if self.base is not None:
             return self.base
         return None if self.doc is None else self.subject
@@ -1574,6 +1592,7 @@ class _Entry(object):
         self.hold(document)
         self.state = _NEW
         self.base = {}
+        self.copies = self.marked = None
         self.pending[self.id] = self
 
     def rebase(self, content, rev, theirs):
@@ -1587,6 +1606,7 @@ class _Entry(object):
             document['_rev'] = rev
         self.hold(document)
         self.base = _plain(theirs) if theirs is not None else {}
+        self.copies = self.marked = None
         self.state = _DIRTY
         self.rev = self.sent = None
         self.pending[self.id] = self
@@ -1595,7 +1615,8 @@ class _Entry(object):
         """The document equals its base: nothing to write (but attachments
         may wait for their upload)."""
         self.state = _CLEAN
-        self.base = self.rev = self.attempt = self.sent = None
+        self.base = self.copies = self.marked = None
+        self.rev = self.attempt = self.sent = None
         if not self.attachments:
             self.pending.pop(self.id, None)
 
@@ -1757,7 +1778,7 @@ _set_subject = _ObjectProxy.__subject__.__set__
 class _Tracked(_ObjectWrapper):
     """A proxy for one dict or list of a tracked document."""
 
-    __slots__ = ('_entry',)
+    __slots__ = ('_entry', '_parent')
 
     # ProxyTypes' wrappers look every dunder name up on the subject, in
     # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
@@ -1773,9 +1794,31 @@ class _Tracked(_ObjectWrapper):
         return type(_subject_of(self))
 
     def _touch(self):
+        """Called before each change: the first change of a clean document
+        makes it dirty, and the first change of each of its dicts and lists
+        records a shallow copy of it (see `_Entry`)."""
         entry = _entry_of(self)
-        if entry.state is _CLEAN:
+        copies = entry.copies
+        if copies is None:
+            if entry.state is not _CLEAN:
+                return          # new, or diffed against a base of its own
             entry.touch()
+            copies = entry.copies
+            if copies is None:
+                return          # no longer in a session
+        subject = _subject_of(self)
+        if id(subject) in copies:
+            return
+        copies[id(subject)] = (subject, subject.copy())
+        # Mark the way from the root down here, for diffs to follow.
+        marked = entry.marked
+        proxy = self
+        while proxy is not None:
+            subject = _subject_of(proxy)
+            if id(subject) in marked:
+                break
+            marked[id(subject)] = subject
+            proxy = _parent_of(proxy)
 
     def copy(self):
         """A plain deep copy (a shallow one would let untracked aliases of
@@ -1795,6 +1838,8 @@ class _Tracked(_ObjectWrapper):
 
 _entry_of = _Tracked._entry.__get__
 _set_entry = _Tracked._entry.__set__
+_parent_of = _Tracked._parent.__get__
+_set_parent = _Tracked._parent.__set__
 
 
 class _TrackedDict(_Tracked):
@@ -1805,12 +1850,12 @@ class _TrackedDict(_Tracked):
     # Reads that hand out children.
 
     def __getitem__(self, key):
-        return _wrap(_subject_of(self)[key], _entry_of(self))
+        return _wrap(_subject_of(self)[key], _entry_of(self), self)
 
     def get(self, key, default=None):
         subject = _subject_of(self)
         if key in subject:
-            return _wrap(subject[key], _entry_of(self))
+            return _wrap(subject[key], _entry_of(self), self)
         return default
 
     def __iter__(self):
@@ -1857,7 +1902,7 @@ class _TrackedDict(_Tracked):
         if key not in subject:
             self._touch()
             subject[key] = _plain(default)
-        return _wrap(subject[key], _entry_of(self))
+        return _wrap(subject[key], _entry_of(self), self)
 
     def update(self, *args, **kwargs):
         values = _plain(dict(*args, **kwargs))
@@ -1869,17 +1914,23 @@ class _TrackedDict(_Tracked):
         self.update(other)
         return self
 
+    # What pop() and popitem() take out of a document is handed out as a
+    # copy: the object itself may still be part of the version a diff
+    # compares with.
+
     def pop(self, key, *default):
         subject = _subject_of(self)
-        if key in subject:
-            self._touch()
-        return subject.pop(key, *default)
+        if key not in subject:
+            return subject.pop(key, *default)
+        self._touch()
+        return _plain(subject.pop(key))
 
     def popitem(self):
         subject = _subject_of(self)
         if subject:
             self._touch()
-        return subject.popitem()
+        key, value = subject.popitem()
+        return key, _plain(value)
 
     def clear(self):
         if _subject_of(self):
@@ -1895,7 +1946,7 @@ class _ItemsView(_abc.ItemsView):
     def __iter__(self):
         proxy = self._mapping
         entry = _entry_of(proxy)
-        return iter([(key, _wrap(value, entry))
+        return iter([(key, _wrap(value, entry, proxy))
                      for key, value in _subject_of(proxy).items()])
 
 
@@ -1907,7 +1958,7 @@ class _ValuesView(_abc.ValuesView):
     def __iter__(self):
         proxy = self._mapping
         entry = _entry_of(proxy)
-        return iter([_wrap(value, entry)
+        return iter([_wrap(value, entry, proxy)
                      for value in _subject_of(proxy).values()])
 
 
@@ -1922,15 +1973,16 @@ class _TrackedList(_Tracked):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return _plain(_subject_of(self)[index])
-        return _wrap(_subject_of(self)[index], _entry_of(self))
+        return _wrap(_subject_of(self)[index], _entry_of(self), self)
 
     def __iter__(self):
         entry = _entry_of(self)
-        return iter([_wrap(value, entry) for value in _subject_of(self)])
+        return iter([_wrap(value, entry, self)
+                     for value in _subject_of(self)])
 
     def __reversed__(self):
         entry = _entry_of(self)
-        return iter([_wrap(value, entry)
+        return iter([_wrap(value, entry, self)
                      for value in reversed(_subject_of(self))])
 
     def __add__(self, other):
@@ -1995,7 +2047,7 @@ class _TrackedList(_Tracked):
 
     def pop(self, index=-1):
         self._touch()
-        return _subject_of(self).pop(index)
+        return _plain(_subject_of(self).pop(index))
 
     def remove(self, value):
         self._touch()
@@ -2021,15 +2073,17 @@ def _is_child(value, child):
     return isinstance(value, _Tracked) and _subject_of(value) is child
 
 
-def _wrap(value, entry):
-    """``value`` read from a document: a tracked proxy for a dict or list,
-    the value itself otherwise."""
+def _wrap(value, entry, parent):
+    """``value`` read from ``parent`` (a proxy of the document of
+    ``entry``): a tracked proxy for a dict or list, the value itself
+    otherwise."""
     cls = _WRAPPERS.get(type(value))
     if cls is None:
         return value
     proxy = _new(cls)
     _set_subject(proxy, value)
     _set_entry(proxy, entry)
+    _set_parent(proxy, parent)
     return proxy
 
 
@@ -2038,6 +2092,7 @@ def _root(document, entry):
     proxy = _new(_TrackedDict)
     _set_subject(proxy, document)
     _set_entry(proxy, entry)
+    _set_parent(proxy, None)
     return proxy
 
 
@@ -2152,6 +2207,58 @@ def _diff_dict(ops, path, old, new):
 
 class _BadKey(TypeError):
     """A dict key JSON cannot carry, met by a diff (private)."""
+
+
+def _materialize(value, copies):
+    """A plain deep copy of the version ``value`` had before the changes
+    recorded in ``copies`` (see `_Entry`)."""
+    if type(value) not in _CONTAINERS and not isinstance(value, dict):
+        return value
+    recorded = copies.get(id(value))
+    if recorded is not None:
+        value = recorded[1]
+    if isinstance(value, dict):
+        return {key: item if type(item) in _JSON_LEAVES else
+                _materialize(item, copies) for key, item in value.items()}
+    return [item if type(item) in _JSON_LEAVES else
+            _materialize(item, copies) for item in value]
+
+
+def _diff_tracked(ops, path, current, copies, marked):
+    """Append to ``ops`` the changes of ``current``, a dict or list of the
+    document that was there at ``path`` before, following the marked ones
+    (see `_Entry`)."""
+    recorded = copies.get(id(current))
+    if recorded is None:
+        # Unchanged itself: only marked children may hold changes.
+        items = current.items() if isinstance(current, dict) else \
+            enumerate(current)
+        for key, item in items:
+            if id(item) in marked and type(item) in _CONTAINERS:
+                _diff_tracked(ops, (path, key), item, copies, marked)
+        return
+    before = recorded[1]
+    if not isinstance(current, dict):
+        return _diff_list(ops, path, [_materialize(item, copies)
+                                      for item in before], current)
+    for key, old in before.items():
+        new = current.get(key, _MISSING)
+        if new is old:
+            if id(new) in marked and type(new) in _CONTAINERS:
+                _diff_tracked(ops, (path, key), new, copies, marked)
+        elif new is _MISSING:
+            ops.append({'op': 'remove', 'path': _pointer((path, key)),
+                        'was': _materialize(old, copies)})
+        elif not (type(old) in _JSON_LEAVES and type(old) is type(new) and
+                  old == new):
+            _diff_value(ops, (path, key), _materialize(old, copies), new)
+    for key, new in current.items():
+        if key not in before:
+            if not isinstance(key, str):
+                raise _BadKey(_BAD_KEY % (key, _pointer(path) or '/',
+                                          type(key).__name__))
+            ops.append({'op': 'add', 'path': _pointer((path, key)),
+                        'value': _plain(new)})
 
 
 def _diff_list(ops, path, old, new):

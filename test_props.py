@@ -302,10 +302,14 @@ class Mirror(object):
 
     def apply_and_vandalize(self, text, on_tracked, on_plain, part=None):
         """`apply` a change that takes a value out of the document, then
-        change that value on both sides: the document must not see it."""
+        change that value on both sides: the document must not see it.
+        The session hands out a copy of what it takes out (no object is
+        shared between a document and the code around it), so the model
+        copies it too."""
         got, expected = [], []
         self.apply(text, lambda: got.append(on_tracked()) or got[0],
-                   lambda: expected.append(on_plain()) or expected[0])
+                   lambda: expected.append(copy.deepcopy(on_plain())) or
+                   expected[0])
         if got:
             vandalize(got[0] if part is None else got[0][part])
             vandalize(expected[0] if part is None else expected[0][part])
