@@ -23,13 +23,16 @@ A later request, in a new session:
 >>> db[note_id]['owner']
 {'name': 'ann'}
 
-Contents:
+Contents, in reading order:
 
-- `Session`: the Database look-alike; `flush()`, `diff()`, the hooks, and
-  the housekeeping views `new`, `dirty` and `deleted`.
 - `FlushError`: raised by `flush()` when the server refused some documents.
-- The tracked proxies (private): ProxyTypes wrappers around the documents'
-  dicts and lists that tell the session when they change.
+- `Session`: the Database look-alike; `flush()` and its conflict handling,
+  `diff()`, the hooks, attachments, and the housekeeping views `new`,
+  `dirty` and `deleted`.
+- Private pieces: the tracked proxies (ProxyTypes wrappers around the
+  documents' dicts and lists that tell the session when they change), the
+  entries (what the session knows of each document), flush planning,
+  conflict resolution, and copies and diffs.
 """
 
 import base64 as _base64
@@ -442,8 +445,13 @@ class Session(object):
             content_type = ';'.join(
                 filter(None, _mimetypes.guess_type(filename))) or \
                 'application/octet-stream'
-        self._live(doc).put_attachment(filename,
-                                       _Attachment(content, content_type))
+        entry = self._live(doc)
+        if not isinstance(content, (bytes, bytearray, memoryview, str)) and \
+                not hasattr(content, 'read'):
+            raise TypeError('attachment %r of document %r: the content must '
+                            'be bytes, str or a file-like object, got %s'
+                            % (filename, entry.id, type(content).__name__))
+        entry.put_attachment(filename, _Attachment(content, content_type))
 
     def get_attachment(self, id_or_doc, filename, default=None):
         """A file-like object with the content of an attachment, or
@@ -1099,6 +1107,711 @@ class _SessionRow(_Row):
         return self.get('doc')
 
 
+# -- Tracked proxies ----------------------------------------------------------
+
+# A tracked proxy is a ProxyTypes ObjectWrapper around one dict or list of a
+# document, plus the `_Entry` of that document. Every mutator calls
+# `_touch()` before it changes the subject: the first change of a dict or
+# list records a shallow copy of it, which diffs compare with (see
+# `_Entry`). Every read path wraps the children it returns, and each proxy
+# knows its parent, so changes at any depth are seen and found. Values
+# stored in a document are deep copies (`_plain`), and so are the values
+# `pop()` hands out: no object outside the document can change it (or the
+# copies diffs compare with) behind the session's back, and the subject only
+# ever holds plain dicts, lists and scalars: never a proxy.
+#
+# Methods are looked up on the wrapper first, then on the subject: any
+# method not defined here (`keys`, `index`, `count`, comparisons, `len`,
+# `repr`, ...) runs on the subject, which is right for methods that only
+# read and return no child. ProxyTypes' own in-place operators would
+# bypass tracking, so they are all redefined here.
+
+_subject_of = _ObjectProxy.__subject__.__get__
+_set_subject = _ObjectProxy.__subject__.__set__
+
+
+class _Tracked(_ObjectWrapper):
+    """A proxy for one dict or list of a tracked document."""
+
+    __slots__ = ('_entry', '_parent')
+
+    # ProxyTypes' wrappers look every dunder name up on the subject, in
+    # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
+    # the subject untracked, and every attribute access costs a Python call.
+    # Plain attribute lookup finds the proxy's own methods first, at C speed;
+    # names it lacks still go to the subject through ProxyTypes'
+    # `__getattr__`. Each subclass says what class its subjects are, as a
+    # plain class attribute, so that ``isinstance(doc, dict)`` holds and
+    # costs no Python call.
+    __getattribute__ = object.__getattribute__
+
+    def _touch(self):
+        """Called before each change: the first change of a clean document
+        makes it dirty, and the first change of each of its dicts and lists
+        records a shallow copy of it (see `_Entry`)."""
+        entry = _entry_of(self)
+        copies = entry.copies
+        if copies is None:
+            if entry.state is not _CLEAN:
+                return          # new, or diffed against a base of its own
+            entry.touch()
+            copies = entry.copies
+            if copies is None:
+                return          # no longer in a session
+        subject = _subject_of(self)
+        if id(subject) in copies:
+            return
+        copies[id(subject)] = (subject, subject.copy())
+        # Mark the way from the root down here, for diffs to follow.
+        marked = entry.marked
+        proxy = self
+        while proxy is not None:
+            subject = _subject_of(proxy)
+            if id(subject) in marked:
+                break
+            marked[id(subject)] = subject
+            proxy = _parent_of(proxy)
+
+    def copy(self):
+        """A plain deep copy (a shallow one would let untracked aliases of
+        the children escape)."""
+        return _plain(_subject_of(self))
+
+    def __copy__(self):
+        return _plain(_subject_of(self))
+
+    def __deepcopy__(self, memo):
+        return _plain(_subject_of(self))
+
+    def __reduce_ex__(self, protocol):
+        # Pickles (and copies) as the plain value.
+        return _plain(_subject_of(self)).__reduce_ex__(protocol)
+
+
+_entry_of = _Tracked._entry.__get__
+_set_entry = _Tracked._entry.__set__
+_parent_of = _Tracked._parent.__get__
+_set_parent = _Tracked._parent.__set__
+
+
+class _TrackedDict(_Tracked):
+    """A tracked dict."""
+
+    __slots__ = ()
+    __class__ = dict
+
+    # Reads that hand out children.
+
+    def __getitem__(self, key):
+        value = _subject_of(self)[key]
+        if type(value) in _JSON_LEAVES:
+            return value
+        return _wrap(value, _entry_of(self), self)
+
+    def get(self, key, default=None):
+        subject = _subject_of(self)
+        if key in subject:
+            return _wrap(subject[key], _entry_of(self), self)
+        return default
+
+    def __iter__(self):
+        # ProxyTypes defines no __iter__ for Python 3.
+        return iter(_subject_of(self))
+
+    def __reversed__(self):
+        return reversed(_subject_of(self))
+
+    def items(self):
+        return _ItemsView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def __or__(self, other):
+        merged = _plain(_subject_of(self))
+        merged.update(_plain(other))
+        return merged
+
+    def __ror__(self, other):
+        merged = _plain(other)
+        merged.update(_plain(_subject_of(self)))
+        return merged
+
+    # Mutators.
+
+    def __setitem__(self, key, value):
+        subject = _subject_of(self)
+        if _is_child(value, subject.get(key, _MISSING)):
+            return      # d[k] = d[k], and the store of d[k] += ...
+        self._touch()
+        subject[key] = _plain(value)
+
+    def __delitem__(self, key):
+        subject = _subject_of(self)
+        if key not in subject:
+            raise KeyError(key)
+        self._touch()
+        del subject[key]
+
+    def setdefault(self, key, default=None):
+        subject = _subject_of(self)
+        if key not in subject:
+            self._touch()
+            subject[key] = _plain(default)
+        return _wrap(subject[key], _entry_of(self), self)
+
+    def update(self, *args, **kwargs):
+        values = _plain(dict(*args, **kwargs))
+        if values:
+            self._touch()
+            _subject_of(self).update(values)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    # What pop() and popitem() take out of a document is handed out as a
+    # copy: the object itself may still be part of the version a diff
+    # compares with.
+
+    def pop(self, key, *default):
+        subject = _subject_of(self)
+        if key not in subject:
+            return subject.pop(key, *default)
+        self._touch()
+        return _plain(subject.pop(key))
+
+    def popitem(self):
+        subject = _subject_of(self)
+        if subject:
+            self._touch()
+        key, value = subject.popitem()
+        return key, _plain(value)
+
+    def clear(self):
+        if _subject_of(self):
+            self._touch()
+            _subject_of(self).clear()
+
+
+class _ItemsView(_abc.ItemsView):
+    """``items()`` of a tracked dict: the values are tracked."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        proxy = self._mapping
+        entry = _entry_of(proxy)
+        return iter([(key, value if type(value) in _JSON_LEAVES else
+                      _wrap(value, entry, proxy))
+                     for key, value in _subject_of(proxy).items()])
+
+
+class _ValuesView(_abc.ValuesView):
+    """``values()`` of a tracked dict: the values are tracked."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        proxy = self._mapping
+        entry = _entry_of(proxy)
+        return iter([value if type(value) in _JSON_LEAVES else
+                     _wrap(value, entry, proxy)
+                     for value in _subject_of(proxy).values()])
+
+
+class _TrackedList(_Tracked):
+    """A tracked list."""
+
+    __slots__ = ()
+    __class__ = list
+
+    # Reads that hand out children (a slice is a copy, as in Python; a plain
+    # deep one, so that no untracked alias escapes).
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _plain(_subject_of(self)[index])
+        value = _subject_of(self)[index]
+        if type(value) in _JSON_LEAVES:
+            return value
+        return _wrap(value, _entry_of(self), self)
+
+    def __iter__(self):
+        entry = _entry_of(self)
+        return iter([value if type(value) in _JSON_LEAVES else
+                     _wrap(value, entry, self)
+                     for value in _subject_of(self)])
+
+    def __reversed__(self):
+        entry = _entry_of(self)
+        return iter([_wrap(value, entry, self)
+                     for value in reversed(_subject_of(self))])
+
+    def __add__(self, other):
+        if not isinstance(other, list):
+            return NotImplemented
+        return _plain(_subject_of(self)) + _plain(other)
+
+    def __radd__(self, other):
+        if not isinstance(other, list):
+            return NotImplemented
+        return _plain(other) + _plain(_subject_of(self))
+
+    def __mul__(self, times):
+        return _plain(_subject_of(self) * times)
+
+    __rmul__ = __mul__
+
+    # Mutators.
+
+    def __setitem__(self, index, value):
+        subject = _subject_of(self)
+        if isinstance(index, slice):
+            value = [_plain(item) for item in value]
+        elif _is_child(value, subject[index]):
+            return      # l[i] = l[i], and the store of l[i] += ...
+        else:
+            value = _plain(value)
+        self._touch()
+        subject[index] = value
+
+    def __delitem__(self, index):
+        self._touch()
+        del _subject_of(self)[index]
+
+    def append(self, value):
+        self._touch()
+        _subject_of(self).append(_plain(value))
+
+    def extend(self, values):
+        values = [_plain(item) for item in values]
+        self._touch()
+        _subject_of(self).extend(values)
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def __imul__(self, times):
+        subject = _subject_of(self)
+        # Repeat with copies: a document holds no object twice.
+        copies = [_plain(item) for _ in range(times - 1) for item in subject]
+        self._touch()
+        if times > 0:
+            subject.extend(copies)
+        else:
+            subject.clear()
+        return self
+
+    def insert(self, index, value):
+        self._touch()
+        _subject_of(self).insert(index, _plain(value))
+
+    def pop(self, index=-1):
+        self._touch()
+        return _plain(_subject_of(self).pop(index))
+
+    def remove(self, value):
+        self._touch()
+        _subject_of(self).remove(_plain(value))
+
+    def clear(self):
+        self._touch()
+        _subject_of(self).clear()
+
+    def sort(self, *, key=None, reverse=False):
+        self._touch()
+        _subject_of(self).sort(key=key, reverse=reverse)
+
+    def reverse(self):
+        self._touch()
+        _subject_of(self).reverse()
+
+
+_new = object.__new__
+_WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+def _is_child(value, child):
+    """Whether ``value`` is the proxy of ``child`` itself."""
+    return isinstance(value, _Tracked) and _subject_of(value) is child
+
+
+def _wrap(value, entry, parent):
+    """``value`` read from ``parent`` (a proxy of the document of
+    ``entry``): a tracked proxy for a dict or list, the value itself
+    otherwise."""
+    cls = _WRAPPERS.get(type(value))
+    if cls is None:
+        return value
+    proxy = _new(cls)
+    _set_subject(proxy, value)
+    _set_entry(proxy, entry)
+    _set_parent(proxy, parent)
+    return proxy
+
+
+class _TrackedDocument(_TrackedDict):
+    """A tracked `couchdb.Document`: a whole document."""
+
+    __slots__ = ()
+    __class__ = _Document
+
+
+def _root(document, entry):
+    """The tracked proxy of a whole document (a `couchdb.Document`)."""
+    proxy = _new(_TrackedDocument)
+    _set_subject(proxy, document)
+    _set_entry(proxy, entry)
+    _set_parent(proxy, None)
+    return proxy
+
+
+# -- Document entries ---------------------------------------------------------
+
+# The states of an entry. A CLEAN document equals the server's version it
+# was fetched at (or last written as): its content is its own base. On its
+# first change it becomes DIRTY, and from then on each of its dicts and
+# lists is copied (shallowly) before its own first change: copy on write,
+# so that documents only read cost nothing and a change costs the size of
+# what it changes. NEW documents were created (or re-created) in the
+# session and have the empty document as base; DELETED ones wait for their
+# deletion.
+_CLEAN, _DIRTY, _NEW, _DELETED = 'clean', 'dirty', 'new', 'deleted'
+
+# The revision of a document deleted by id only, looked up at flush time.
+_LOOKUP = object()
+
+
+class _Entry(object):
+    """What the session knows of one document id."""
+
+    __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
+                 'pending', 'entries', 'attempt', 'sent', 'attachments',
+                 'digests')
+
+    def __init__(self, id, document, state, pending, base=None, rev=None):
+        self.id = id
+        # The tracked root proxy; None for a deletion by id only.
+        self.doc = None if document is None else _root(document, self)
+        self.state = state
+        # What the document is diffed against: `base` is a whole version,
+        # for new documents (the empty one) and resolved ones (the
+        # server's); a document changed since it was clean has `copies`
+        # instead: {id(dict or list): (it, a shallow copy before its first
+        # change)}, and `marked`: {id: dict or list} for those and the
+        # ones holding them. Dicts and lists never copied are as they were:
+        # copying only what changes keeps the first change cheap, and diffs
+        # follow the marked ones only. None but in those states.
+        self.base = base
+        self.copies = self.marked = None
+        # For DELETED: the revision to delete. For NEW: the revision of a
+        # deleted document this one replaces. Either may be _LOOKUP.
+        self.rev = rev
+        # The session's pending entries and identity map; None once the
+        # session forgot this entry, which then tracks nothing.
+        self.pending = pending
+        self.entries = None
+        # What this flush sent for a refused document (`attempt`), and what
+        # a flush whose connection failed had sent (`sent`): a server
+        # version equal to either is this session's own write.
+        self.attempt = self.sent = None
+        # {filename: _Attachment to put, or None to delete} until written.
+        self.attachments = {}
+        # {filename: MD5 digest} of attachments this session wrote. PouchDB
+        # Server finds a stub's attachment by its digest; the session's
+        # stubs show none (CouchDB computes a different one for compressible
+        # types, and ignores it in stubs), so it is added when sending.
+        self.digests = None
+
+    @property
+    def subject(self):
+        return _subject_of(self.doc)
+
+    def touch(self):
+        """Called before the first change of a clean document."""
+        if self.state is _CLEAN and self.pending is not None:
+            subject = self.subject
+            self.copies = {id(subject): (subject, dict(subject))}
+            self.marked = {id(subject): subject}
+            self.state = _DIRTY
+            self.pending[self.id] = self
+
+    def diff(self):
+        ops = []
+        if self.state is _CLEAN:
+            return ops
+        try:
+            if self.copies is not None:
+                _diff_tracked(ops, None, self.subject, self.copies,
+                              self.marked)
+            else:
+                _diff_dict(ops, None, self.base, self.subject)
+        except _BadKey as exc:
+            raise TypeError(_NOT_JSON % (self.id, exc))
+        return ops
+
+    def payload(self, inline_limit=None):
+        """The document to send, as a new dict python-couchdb may encode
+        (its children are the subject's: send it before any change), with
+        the attachment changes that go inline."""
+        if self.state is _DELETED:
+            return {'_id': self.id, '_rev': self.rev, '_deleted': True}
+        payload = dict(self.subject)
+        if self.state is _NEW and self.rev is not None:
+            payload['_rev'] = self.rev
+        inline = self.inline_attachments(inline_limit)
+        if inline or self.digests:
+            # Attachments already on the server are sent as stubs: an
+            # update without them would drop them.
+            attachments = dict(payload.get('_attachments') or {})
+            for filename, digest in (self.digests or {}).items():
+                if 'digest' not in attachments.get(filename, {'digest': 0}):
+                    attachments[filename] = dict(attachments[filename],
+                                                 digest=digest)
+            for filename, attachment in inline.items():
+                if attachment is None:
+                    attachments.pop(filename, None)
+                else:
+                    attachments[filename] = attachment.inline()
+            payload['_attachments'] = attachments
+        return payload
+
+    def inline_attachments(self, limit):
+        """The attachment changes that go in the bulk request: deletions,
+        and puts of at most ``limit`` bytes."""
+        return dict((name, a) for name, a in self.attachments.items()
+                    if a is None or not a.is_large(limit))
+
+    def large_attachments(self, limit):
+        return [(name, a) for name, a in self.attachments.items()
+                if a is not None and a.is_large(limit)]
+
+    def put_attachment(self, filename, attachment):
+        self.attachments[filename] = attachment
+        if self.state is _CLEAN:
+            self.pending[self.id] = self
+
+    def delete_attachment(self, filename):
+        on_server = filename in (self.subject.get('_attachments') or {})
+        if self.attachments.get(filename) is not None:
+            if on_server:
+                self.attachments[filename] = None
+            else:
+                del self.attachments[filename]      # put, then deleted
+                if self.state is _CLEAN and not self.attachments:
+                    self.pending.pop(self.id, None)
+        elif on_server and filename not in self.attachments:
+            self.attachments[filename] = None
+            if self.state is _CLEAN:
+                self.pending[self.id] = self
+        else:
+            raise _ResourceNotFound(
+                ('not_found', 'document %r has no attachment %r'
+                 % (self.id, filename)))
+
+    def merge_base(self):
+        """The version changes were made from: the one fetched, or the empty
+        document for one created or adopted in the session."""
+        if self.state is _NEW:
+            return {}
+        if self.copies is not None:
+            return _materialize(self.subject, self.copies)
+        if self.base is not None:
+            return self.base
+        return None if self.doc is None else self.subject
+
+    def doc_or_stub(self):
+        return self.doc if self.doc is not None else _Document(_id=self.id)
+
+    def hold(self, document):
+        """Make ``document`` (the session's own copy) the content of this
+        entry's document; the object handed out stays the same."""
+        if self.doc is None:
+            self.doc = _root(document, self)
+        else:
+            subject = self.subject
+            subject.clear()
+            subject.update(document)
+
+    def replace(self, content):
+        """Give the document new content, keeping the object."""
+        self.touch()
+        self.hold(content)
+
+    def delete(self, rev=None):
+        """Queue the deletion, of revision ``rev`` if given."""
+        self.attachments = {}
+        if rev is not None:
+            self.rev = rev
+        elif self.doc is not None and self.rev is None:
+            self.rev = self.subject.get('_rev')
+        self.state = _DELETED
+        self.pending[self.id] = self
+
+    def recreate(self, document):
+        """Hold ``document``, new content for this deleted entry, to be
+        written over the deleted revision (kept in `rev`)."""
+        self.hold(document)
+        self.state = _NEW
+        self.base = {}
+        self.copies = self.marked = None
+        self.pending[self.id] = self
+
+    def rebase(self, content, rev, theirs):
+        """Hold ``content``, resolved against the server's version
+        ``theirs`` (``None`` if deleted) at revision ``rev``, to be written
+        over it; ``theirs`` becomes the base."""
+        document = _copy_in(content)
+        document['_id'] = self.id
+        document.pop('_rev', None)
+        if rev is not None:
+            document['_rev'] = rev
+        self.hold(document)
+        self.base = _plain(theirs) if theirs is not None else {}
+        self.copies = self.marked = None
+        self.state = _DIRTY
+        self.rev = self.sent = None
+        self.pending[self.id] = self
+
+    def clean(self):
+        """The document equals its base: nothing to write (but attachments
+        may wait for their upload)."""
+        self.state = _CLEAN
+        self.base = self.copies = self.marked = None
+        self.rev = self.attempt = self.sent = None
+        if not self.attachments:
+            self.pending.pop(self.id, None)
+
+    def written(self, rev, payload):
+        """The server accepted this entry's write, ``payload``, giving it
+        ``rev``; the attachment changes that went inline are done."""
+        if self.state is _DELETED:
+            self.forget()
+            return
+        subject = self.subject
+        subject['_rev'] = rev
+        if self.attachments:
+            sent = payload.get('_attachments') or {}
+            stubs = subject.setdefault('_attachments', {})
+            for filename, attachment in list(self.attachments.items()):
+                if attachment is None:
+                    stubs.pop(filename, None)
+                elif 'data' in sent.get(filename, ()):
+                    self.stub(filename, attachment)
+                else:
+                    continue
+                del self.attachments[filename]
+            if not stubs:
+                del subject['_attachments']
+        self.clean()
+
+    def uploaded(self, filename, rev, attachment):
+        """An attachment was uploaded on its own, giving ``rev``."""
+        self.subject['_rev'] = rev
+        self.stub(filename, attachment)
+        del self.attachments[filename]
+        self.clean()
+
+    def stub(self, filename, attachment):
+        """Record in the document that the server has ``attachment``."""
+        stubs = self.subject.setdefault('_attachments', {})
+        stubs[filename] = attachment.stub()
+        if self.digests is None:
+            self.digests = {}
+        self.digests[filename] = attachment.digest()
+
+    def reload(self, document):
+        """Hold ``document``, just read from the server, dropping local
+        changes (attachment changes too)."""
+        self.hold(document)
+        self.attachments = {}
+        self.clean()
+
+    def forget(self):
+        """Leave the session: no longer held, pending or tracked."""
+        if self.pending is not None:
+            self.pending.pop(self.id, None)
+            if self.entries is not None and \
+                    self.entries.get(self.id) is self:
+                del self.entries[self.id]
+        self.pending = self.entries = None
+        if self.state is not _DELETED:
+            self.state = _CLEAN
+
+
+class _Attachment(object):
+    """The content of an attachment put in the session, kept until the
+    server has it: bytes, or a seekable file read from where it stood."""
+
+    __slots__ = ('content', 'content_type', 'start', 'size', 'md5')
+
+    def __init__(self, content, content_type):
+        self.content_type = content_type
+        self.md5 = None
+        if isinstance(content, str):
+            content = content.encode('utf-8')
+        elif isinstance(content, _io.TextIOBase):
+            content = content.read().encode('utf-8')
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            self.content = bytes(content)
+            self.start, self.size = 0, len(self.content)
+            return
+        if not (hasattr(content, 'seekable') and content.seekable()):
+            # Read it now, into memory or a temporary file, so that it can
+            # be read again if the upload must be retried.
+            spool = _tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+            _shutil.copyfileobj(content, spool)
+            spool.seek(0)
+            content = spool
+        self.content = content
+        self.start = content.tell()
+        self.size = content.seek(0, _io.SEEK_END) - self.start
+        content.seek(self.start)
+
+    def is_large(self, limit):
+        return limit is not None and self.size > limit
+
+    def read(self):
+        if isinstance(self.content, bytes):
+            return self.content
+        self.content.seek(self.start)
+        return self.content.read()
+
+    def stream(self):
+        """The content to upload: bytes, or the file at its start."""
+        if isinstance(self.content, bytes):
+            return self.content
+        self.content.seek(self.start)
+        return self.content
+
+    def inline(self):
+        return {'content_type': self.content_type,
+                'data': _base64.b64encode(self.read()).decode('ascii')}
+
+    def stub(self):
+        return {'content_type': self.content_type, 'length': self.size,
+                'stub': True}
+
+    def digest(self):
+        """The MD5 digest of the content, as PouchDB Server gives it."""
+        if self.md5 is None:
+            md5 = _hashlib.md5()
+            stream = self.stream()
+            if isinstance(stream, bytes):
+                md5.update(stream)
+            else:
+                for chunk in iter(lambda: stream.read(1 << 16), b''):
+                    md5.update(chunk)
+            self.md5 = 'md5-' + _base64.b64encode(md5.digest()).decode()
+        return self.md5
+
+    def is_on(self, document, filename):
+        """Whether ``document`` (a server version) has this attachment."""
+        stub = ((document or {}).get('_attachments') or {}).get(filename)
+        return stub is not None and stub.get('length') == self.size and \
+            stub.get('content_type') == self.content_type
+
+
 # -- Flush planning -----------------------------------------------------------
 
 class _FlushPlan(object):
@@ -1404,696 +2117,6 @@ def _merge(base, mine, theirs, path):
                 merged[key] = value
         return merged
     raise _MergeConflict('both sides changed %s' % (path or '/'))
-
-
-# -- Document entries ---------------------------------------------------------
-
-# The states of an entry. A CLEAN document equals the server's version it
-# was fetched at (or last written as): it has no base, since its content is
-# its base. On its first change it becomes DIRTY and keeps a deep copy of
-# that content as its base (copy on write: documents only read cost no
-# copy). NEW documents were created (or re-created) in the session and have
-# the empty document as base; DELETED ones wait for their deletion.
-_CLEAN, _DIRTY, _NEW, _DELETED = 'clean', 'dirty', 'new', 'deleted'
-
-# The revision of a document deleted by id only, looked up at flush time.
-_LOOKUP = object()
-
-
-class _Entry(object):
-    """What the session knows of one document id."""
-
-    __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'pending', 'entries', 'attempt', 'sent', 'attachments',
-                 'digests')
-
-    def __init__(self, id, document, state, pending, base=None, rev=None):
-        self.id = id
-        # The tracked root proxy; None for a deletion by id only.
-        self.doc = None if document is None else _root(document, self)
-        self.state = state
-        # What the document is diffed against: `base` is a whole version,
-        # for new documents (the empty one) and resolved ones (the
-        # server's); a document changed since it was clean has `copies`
-        # instead: {id(dict or list): (it, a shallow copy before its first
-        # change)}, and `marked`: {id: dict or list} for those and the
-        # ones holding them. Dicts and lists never copied are as they were:
-        # copying only what changes keeps the first change cheap, and diffs
-        # follow the marked ones only. None but in those states.
-        self.base = base
-        self.copies = self.marked = None
-        # For DELETED: the revision to delete. For NEW: the revision of a
-        # deleted document this one replaces. Either may be _LOOKUP.
-        self.rev = rev
-        # The session's pending entries and identity map; None once the
-        # session forgot this entry, which then tracks nothing.
-        self.pending = pending
-        self.entries = None
-        # What this flush sent for a refused document (`attempt`), and what
-        # a flush whose connection failed had sent (`sent`): a server
-        # version equal to either is this session's own write.
-        self.attempt = self.sent = None
-        # {filename: _Attachment to put, or None to delete} until written.
-        self.attachments = {}
-        # {filename: MD5 digest} of attachments this session wrote. PouchDB
-        # Server finds a stub's attachment by its digest; the session's
-        # stubs show none (CouchDB computes a different one for compressible
-        # types, and ignores it in stubs), so it is added when sending.
-        self.digests = None
-
-    @property
-    def subject(self):
-        return _subject_of(self.doc)
-
-    def touch(self):
-        """Called before the first change of a clean document."""
-        if self.state is _CLEAN and self.pending is not None:
-            subject = self.subject
-            self.copies = {id(subject): (subject, dict(subject))}
-            self.marked = {id(subject): subject}
-            self.state = _DIRTY
-            self.pending[self.id] = self
-
-    def diff(self):
-        ops = []
-        if self.state is _CLEAN:
-            return ops
-        try:
-            if self.copies is not None:
-                _diff_tracked(ops, None, self.subject, self.copies,
-                              self.marked)
-            else:
-                _diff_dict(ops, None, self.base, self.subject)
-        except _BadKey as exc:
-            raise TypeError(_NOT_JSON % (self.id, exc))
-        return ops
-
-    def payload(self, inline_limit=None):
-        """The document to send, as a new dict python-couchdb may encode
-        (its children are the subject's: send it before any change), with
-        the attachment changes that go inline."""
-        if self.state is _DELETED:
-            return {'_id': self.id, '_rev': self.rev, '_deleted': True}
-        payload = dict(self.subject)
-        if self.state is _NEW and self.rev is not None:
-            payload['_rev'] = self.rev
-        inline = self.inline_attachments(inline_limit)
-        if inline or self.digests:
-            # Attachments already on the server are sent as stubs: an
-            # update without them would drop them.
-            attachments = dict(payload.get('_attachments') or {})
-            for filename, digest in (self.digests or {}).items():
-                if 'digest' not in attachments.get(filename, {'digest': 0}):
-                    attachments[filename] = dict(attachments[filename],
-                                                 digest=digest)
-            for filename, attachment in inline.items():
-                if attachment is None:
-                    attachments.pop(filename, None)
-                else:
-                    attachments[filename] = attachment.inline()
-            payload['_attachments'] = attachments
-        return payload
-
-    def inline_attachments(self, limit):
-        """The attachment changes that go in the bulk request: deletions,
-        and puts of at most ``limit`` bytes."""
-        return dict((name, a) for name, a in self.attachments.items()
-                    if a is None or not a.is_large(limit))
-
-    def large_attachments(self, limit):
-        return [(name, a) for name, a in self.attachments.items()
-                if a is not None and a.is_large(limit)]
-
-    def put_attachment(self, filename, attachment):
-        self.attachments[filename] = attachment
-        if self.state is _CLEAN:
-            self.pending[self.id] = self
-
-    def delete_attachment(self, filename):
-        on_server = filename in (self.subject.get('_attachments') or {})
-        if self.attachments.get(filename) is not None:
-            if on_server:
-                self.attachments[filename] = None
-            else:
-                del self.attachments[filename]      # put, then deleted
-                if self.state is _CLEAN and not self.attachments:
-                    self.pending.pop(self.id, None)
-        elif on_server and filename not in self.attachments:
-            self.attachments[filename] = None
-            if self.state is _CLEAN:
-                self.pending[self.id] = self
-        else:
-            raise _ResourceNotFound(
-                ('not_found', 'document %r has no attachment %r'
-                 % (self.id, filename)))
-
-    def merge_base(self):
-        """The version changes were made from: the one fetched, or the empty
-        document for one created or adopted in the session."""
-        if self.state is _NEW:
-            return {}
-        if self.copies is not None:
-            return _materialize(self.subject, self.copies)
-        if self.base is not None:
-            return self.base
-        return None if self.doc is None else self.subject
-
-    def doc_or_stub(self):
-        return self.doc if self.doc is not None else _Document(_id=self.id)
-
-    def hold(self, document):
-        """Make ``document`` (the session's own copy) the content of this
-        entry's document; the object handed out stays the same."""
-        if self.doc is None:
-            self.doc = _root(document, self)
-        else:
-            subject = self.subject
-            subject.clear()
-            subject.update(document)
-
-    def replace(self, content):
-        """Give the document new content, keeping the object."""
-        self.touch()
-        self.hold(content)
-
-    def delete(self, rev=None):
-        """Queue the deletion, of revision ``rev`` if given."""
-        self.attachments = {}
-        if rev is not None:
-            self.rev = rev
-        elif self.doc is not None and self.rev is None:
-            self.rev = self.subject.get('_rev')
-        self.state = _DELETED
-        self.pending[self.id] = self
-
-    def recreate(self, document):
-        """Hold ``document``, new content for this deleted entry, to be
-        written over the deleted revision (kept in `rev`)."""
-        self.hold(document)
-        self.state = _NEW
-        self.base = {}
-        self.copies = self.marked = None
-        self.pending[self.id] = self
-
-    def rebase(self, content, rev, theirs):
-        """Hold ``content``, resolved against the server's version
-        ``theirs`` (``None`` if deleted) at revision ``rev``, to be written
-        over it; ``theirs`` becomes the base."""
-        document = _copy_in(content)
-        document['_id'] = self.id
-        document.pop('_rev', None)
-        if rev is not None:
-            document['_rev'] = rev
-        self.hold(document)
-        self.base = _plain(theirs) if theirs is not None else {}
-        self.copies = self.marked = None
-        self.state = _DIRTY
-        self.rev = self.sent = None
-        self.pending[self.id] = self
-
-    def clean(self):
-        """The document equals its base: nothing to write (but attachments
-        may wait for their upload)."""
-        self.state = _CLEAN
-        self.base = self.copies = self.marked = None
-        self.rev = self.attempt = self.sent = None
-        if not self.attachments:
-            self.pending.pop(self.id, None)
-
-    def written(self, rev, payload):
-        """The server accepted this entry's write, ``payload``, giving it
-        ``rev``; the attachment changes that went inline are done."""
-        if self.state is _DELETED:
-            self.forget()
-            return
-        subject = self.subject
-        subject['_rev'] = rev
-        if self.attachments:
-            sent = payload.get('_attachments') or {}
-            stubs = subject.setdefault('_attachments', {})
-            for filename, attachment in list(self.attachments.items()):
-                if attachment is None:
-                    stubs.pop(filename, None)
-                elif 'data' in sent.get(filename, ()):
-                    self.stub(filename, attachment)
-                else:
-                    continue
-                del self.attachments[filename]
-            if not stubs:
-                del subject['_attachments']
-        self.clean()
-
-    def uploaded(self, filename, rev, attachment):
-        """An attachment was uploaded on its own, giving ``rev``."""
-        self.subject['_rev'] = rev
-        self.stub(filename, attachment)
-        del self.attachments[filename]
-        self.clean()
-
-    def stub(self, filename, attachment):
-        """Record in the document that the server has ``attachment``."""
-        stubs = self.subject.setdefault('_attachments', {})
-        stubs[filename] = attachment.stub()
-        if self.digests is None:
-            self.digests = {}
-        self.digests[filename] = attachment.digest()
-
-    def reload(self, document):
-        """Hold ``document``, just read from the server, dropping local
-        changes (attachment changes too)."""
-        self.hold(document)
-        self.attachments = {}
-        self.clean()
-
-    def forget(self):
-        """Leave the session: no longer held, pending or tracked."""
-        if self.pending is not None:
-            self.pending.pop(self.id, None)
-            if self.entries is not None and \
-                    self.entries.get(self.id) is self:
-                del self.entries[self.id]
-        self.pending = self.entries = None
-        if self.state is not _DELETED:
-            self.state = _CLEAN
-
-
-class _Attachment(object):
-    """The content of an attachment put in the session, kept until the
-    server has it: bytes, or a seekable file read from where it stood."""
-
-    __slots__ = ('content', 'content_type', 'start', 'size', 'md5')
-
-    def __init__(self, content, content_type):
-        self.content_type = content_type
-        self.md5 = None
-        if isinstance(content, str):
-            content = content.encode('utf-8')
-        elif isinstance(content, _io.TextIOBase):
-            content = content.read().encode('utf-8')
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            self.content = bytes(content)
-            self.start, self.size = 0, len(self.content)
-            return
-        if not hasattr(content, 'read'):
-            raise TypeError('attachment content must be bytes, str or a '
-                            'file-like object, got %s'
-                            % type(content).__name__)
-        if not (hasattr(content, 'seekable') and content.seekable()):
-            # Read it now, into memory or a temporary file, so that it can
-            # be read again if the upload must be retried.
-            spool = _tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-            _shutil.copyfileobj(content, spool)
-            spool.seek(0)
-            content = spool
-        self.content = content
-        self.start = content.tell()
-        self.size = content.seek(0, _io.SEEK_END) - self.start
-        content.seek(self.start)
-
-    def is_large(self, limit):
-        return limit is not None and self.size > limit
-
-    def read(self):
-        if isinstance(self.content, bytes):
-            return self.content
-        self.content.seek(self.start)
-        return self.content.read()
-
-    def stream(self):
-        """The content to upload: bytes, or the file at its start."""
-        if isinstance(self.content, bytes):
-            return self.content
-        self.content.seek(self.start)
-        return self.content
-
-    def inline(self):
-        return {'content_type': self.content_type,
-                'data': _base64.b64encode(self.read()).decode('ascii')}
-
-    def stub(self):
-        return {'content_type': self.content_type, 'length': self.size,
-                'stub': True}
-
-    def digest(self):
-        """The MD5 digest of the content, as PouchDB Server gives it."""
-        if self.md5 is None:
-            md5 = _hashlib.md5()
-            stream = self.stream()
-            if isinstance(stream, bytes):
-                md5.update(stream)
-            else:
-                for chunk in iter(lambda: stream.read(1 << 16), b''):
-                    md5.update(chunk)
-            self.md5 = 'md5-' + _base64.b64encode(md5.digest()).decode()
-        return self.md5
-
-    def is_on(self, document, filename):
-        """Whether ``document`` (a server version) has this attachment."""
-        stub = ((document or {}).get('_attachments') or {}).get(filename)
-        return stub is not None and stub.get('length') == self.size and \
-            stub.get('content_type') == self.content_type
-
-
-# -- Tracked proxies ----------------------------------------------------------
-
-# A tracked proxy is a ProxyTypes ObjectWrapper around one dict or list of a
-# document, plus the `_Entry` of that document. Every mutator calls
-# `_touch()` before it changes the subject: the first change of a clean
-# document takes the copy that becomes its base. Every read path wraps the
-# children it returns, so changes at any depth are seen. Values stored in a
-# document are deep copies (`_plain`), so that no object outside the
-# document can change it behind the session's back, and the subject only
-# ever holds plain dicts, lists and scalars: never a proxy.
-#
-# Methods are looked up on the wrapper first, then on the subject: any
-# method not defined here (`keys`, `index`, `count`, comparisons, `len`,
-# `repr`, ...) runs on the subject, which is right for methods that only
-# read and return no child. ProxyTypes' own in-place operators would
-# bypass tracking, so they are all redefined here.
-
-_subject_of = _ObjectProxy.__subject__.__get__
-_set_subject = _ObjectProxy.__subject__.__set__
-
-
-class _Tracked(_ObjectWrapper):
-    """A proxy for one dict or list of a tracked document."""
-
-    __slots__ = ('_entry', '_parent')
-
-    # ProxyTypes' wrappers look every dunder name up on the subject, in
-    # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
-    # the subject untracked, and every attribute access costs a Python call.
-    # Plain attribute lookup finds the proxy's own methods first, at C speed;
-    # names it lacks still go to the subject through ProxyTypes'
-    # `__getattr__`. `__class__` stays the subject's, so that
-    # ``isinstance(doc, dict)`` holds.
-    __getattribute__ = object.__getattribute__
-
-    @property
-    def __class__(self):
-        return type(_subject_of(self))
-
-    def _touch(self):
-        """Called before each change: the first change of a clean document
-        makes it dirty, and the first change of each of its dicts and lists
-        records a shallow copy of it (see `_Entry`)."""
-        entry = _entry_of(self)
-        copies = entry.copies
-        if copies is None:
-            if entry.state is not _CLEAN:
-                return          # new, or diffed against a base of its own
-            entry.touch()
-            copies = entry.copies
-            if copies is None:
-                return          # no longer in a session
-        subject = _subject_of(self)
-        if id(subject) in copies:
-            return
-        copies[id(subject)] = (subject, subject.copy())
-        # Mark the way from the root down here, for diffs to follow.
-        marked = entry.marked
-        proxy = self
-        while proxy is not None:
-            subject = _subject_of(proxy)
-            if id(subject) in marked:
-                break
-            marked[id(subject)] = subject
-            proxy = _parent_of(proxy)
-
-    def copy(self):
-        """A plain deep copy (a shallow one would let untracked aliases of
-        the children escape)."""
-        return _plain(_subject_of(self))
-
-    def __copy__(self):
-        return _plain(_subject_of(self))
-
-    def __deepcopy__(self, memo):
-        return _plain(_subject_of(self))
-
-    def __reduce_ex__(self, protocol):
-        # Pickles (and copies) as the plain value.
-        return _plain(_subject_of(self)).__reduce_ex__(protocol)
-
-
-_entry_of = _Tracked._entry.__get__
-_set_entry = _Tracked._entry.__set__
-_parent_of = _Tracked._parent.__get__
-_set_parent = _Tracked._parent.__set__
-
-
-class _TrackedDict(_Tracked):
-    """A tracked dict."""
-
-    __slots__ = ()
-
-    # Reads that hand out children.
-
-    def __getitem__(self, key):
-        return _wrap(_subject_of(self)[key], _entry_of(self), self)
-
-    def get(self, key, default=None):
-        subject = _subject_of(self)
-        if key in subject:
-            return _wrap(subject[key], _entry_of(self), self)
-        return default
-
-    def __iter__(self):
-        # ProxyTypes defines no __iter__ for Python 3.
-        return iter(_subject_of(self))
-
-    def __reversed__(self):
-        return reversed(_subject_of(self))
-
-    def items(self):
-        return _ItemsView(self)
-
-    def values(self):
-        return _ValuesView(self)
-
-    def __or__(self, other):
-        merged = _plain(_subject_of(self))
-        merged.update(_plain(other))
-        return merged
-
-    def __ror__(self, other):
-        merged = _plain(other)
-        merged.update(_plain(_subject_of(self)))
-        return merged
-
-    # Mutators.
-
-    def __setitem__(self, key, value):
-        subject = _subject_of(self)
-        if _is_child(value, subject.get(key, _MISSING)):
-            return      # d[k] = d[k], and the store of d[k] += ...
-        self._touch()
-        subject[key] = _plain(value)
-
-    def __delitem__(self, key):
-        subject = _subject_of(self)
-        if key not in subject:
-            raise KeyError(key)
-        self._touch()
-        del subject[key]
-
-    def setdefault(self, key, default=None):
-        subject = _subject_of(self)
-        if key not in subject:
-            self._touch()
-            subject[key] = _plain(default)
-        return _wrap(subject[key], _entry_of(self), self)
-
-    def update(self, *args, **kwargs):
-        values = _plain(dict(*args, **kwargs))
-        if values:
-            self._touch()
-            _subject_of(self).update(values)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    # What pop() and popitem() take out of a document is handed out as a
-    # copy: the object itself may still be part of the version a diff
-    # compares with.
-
-    def pop(self, key, *default):
-        subject = _subject_of(self)
-        if key not in subject:
-            return subject.pop(key, *default)
-        self._touch()
-        return _plain(subject.pop(key))
-
-    def popitem(self):
-        subject = _subject_of(self)
-        if subject:
-            self._touch()
-        key, value = subject.popitem()
-        return key, _plain(value)
-
-    def clear(self):
-        if _subject_of(self):
-            self._touch()
-            _subject_of(self).clear()
-
-
-class _ItemsView(_abc.ItemsView):
-    """``items()`` of a tracked dict: the values are tracked."""
-
-    __slots__ = ()
-
-    def __iter__(self):
-        proxy = self._mapping
-        entry = _entry_of(proxy)
-        return iter([(key, _wrap(value, entry, proxy))
-                     for key, value in _subject_of(proxy).items()])
-
-
-class _ValuesView(_abc.ValuesView):
-    """``values()`` of a tracked dict: the values are tracked."""
-
-    __slots__ = ()
-
-    def __iter__(self):
-        proxy = self._mapping
-        entry = _entry_of(proxy)
-        return iter([_wrap(value, entry, proxy)
-                     for value in _subject_of(proxy).values()])
-
-
-class _TrackedList(_Tracked):
-    """A tracked list."""
-
-    __slots__ = ()
-
-    # Reads that hand out children (a slice is a copy, as in Python; a plain
-    # deep one, so that no untracked alias escapes).
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return _plain(_subject_of(self)[index])
-        return _wrap(_subject_of(self)[index], _entry_of(self), self)
-
-    def __iter__(self):
-        entry = _entry_of(self)
-        return iter([_wrap(value, entry, self)
-                     for value in _subject_of(self)])
-
-    def __reversed__(self):
-        entry = _entry_of(self)
-        return iter([_wrap(value, entry, self)
-                     for value in reversed(_subject_of(self))])
-
-    def __add__(self, other):
-        if not isinstance(other, list):
-            return NotImplemented
-        return _plain(_subject_of(self)) + _plain(other)
-
-    def __radd__(self, other):
-        if not isinstance(other, list):
-            return NotImplemented
-        return _plain(other) + _plain(_subject_of(self))
-
-    def __mul__(self, times):
-        return _plain(_subject_of(self) * times)
-
-    __rmul__ = __mul__
-
-    # Mutators.
-
-    def __setitem__(self, index, value):
-        subject = _subject_of(self)
-        if isinstance(index, slice):
-            value = [_plain(item) for item in value]
-        elif _is_child(value, subject[index]):
-            return      # l[i] = l[i], and the store of l[i] += ...
-        else:
-            value = _plain(value)
-        self._touch()
-        subject[index] = value
-
-    def __delitem__(self, index):
-        self._touch()
-        del _subject_of(self)[index]
-
-    def append(self, value):
-        self._touch()
-        _subject_of(self).append(_plain(value))
-
-    def extend(self, values):
-        values = [_plain(item) for item in values]
-        self._touch()
-        _subject_of(self).extend(values)
-
-    def __iadd__(self, values):
-        self.extend(values)
-        return self
-
-    def __imul__(self, times):
-        subject = _subject_of(self)
-        # Repeat with copies: a document holds no object twice.
-        copies = [_plain(item) for _ in range(times - 1) for item in subject]
-        self._touch()
-        if times > 0:
-            subject.extend(copies)
-        else:
-            subject.clear()
-        return self
-
-    def insert(self, index, value):
-        self._touch()
-        _subject_of(self).insert(index, _plain(value))
-
-    def pop(self, index=-1):
-        self._touch()
-        return _plain(_subject_of(self).pop(index))
-
-    def remove(self, value):
-        self._touch()
-        _subject_of(self).remove(_plain(value))
-
-    def clear(self):
-        self._touch()
-        _subject_of(self).clear()
-
-    def sort(self, *, key=None, reverse=False):
-        self._touch()
-        _subject_of(self).sort(key=key, reverse=reverse)
-
-    def reverse(self):
-        self._touch()
-        _subject_of(self).reverse()
-
-
-_new = object.__new__
-_WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
-def _is_child(value, child):
-    """Whether ``value`` is the proxy of ``child`` itself."""
-    return isinstance(value, _Tracked) and _subject_of(value) is child
-
-
-def _wrap(value, entry, parent):
-    """``value`` read from ``parent`` (a proxy of the document of
-    ``entry``): a tracked proxy for a dict or list, the value itself
-    otherwise."""
-    cls = _WRAPPERS.get(type(value))
-    if cls is None:
-        return value
-    proxy = _new(cls)
-    _set_subject(proxy, value)
-    _set_entry(proxy, entry)
-    _set_parent(proxy, parent)
-    return proxy
-
-
-def _root(document, entry):
-    """The tracked proxy of a whole document (a `couchdb.Document`)."""
-    proxy = _new(_TrackedDict)
-    _set_subject(proxy, document)
-    _set_entry(proxy, entry)
-    _set_parent(proxy, None)
-    return proxy
 
 
 # -- Copies and diffs ---------------------------------------------------------

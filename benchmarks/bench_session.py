@@ -77,16 +77,28 @@ class Meter(object):
 def measure(meter, runs, setup, work):
     """Run ``work(setup())`` ``runs`` times; return (requests of the last
     run, median seconds, median HTTP seconds)."""
-    times, http = [], []
+    return compare(meter, runs, setup, [('', work)])[0][1:]
+
+
+def compare(meter, runs, setup, ways):
+    """Run each of ``ways`` (``(name, work)``) as ``work(setup())``, in
+    turn, ``runs`` times (taking turns keeps a slow drift of the server from
+    favouring one way); return ``(name, requests of the last run, median
+    seconds, median HTTP seconds)`` for each."""
+    times = dict((name, ([], [])) for name, _ in ways)
+    requests = {}
     for _ in range(runs):
-        state = setup()
-        gc.collect()
-        meter.reset()
-        start = time.perf_counter()
-        work(state)
-        times.append(time.perf_counter() - start)
-        http.append(meter.http_seconds)
-    return meter.requests, statistics.median(times), statistics.median(http)
+        for name, work in ways:
+            state = setup()
+            gc.collect()
+            meter.reset()
+            start = time.perf_counter()
+            work(state)
+            times[name][0].append(time.perf_counter() - start)
+            times[name][1].append(meter.http_seconds)
+            requests[name] = meter.requests
+    return [(name, requests[name], statistics.median(times[name][0]),
+             statistics.median(times[name][1])) for name, _ in ways]
 
 
 # -- Documents ----------------------------------------------------------------
@@ -149,8 +161,7 @@ def edit_workload(db, meter, size, runs):
     ways = [('session', by_session), ('floor', by_floor)]
     if size <= 2000:
         ways.append(('naive', by_naive))
-    return [(name,) + measure(meter, runs, lambda: None, work)
-            for name, work in ways]
+    return compare(meter, runs, lambda: None, ways)
 
 
 def mixed_workload(db, meter, runs):
@@ -209,9 +220,9 @@ def mixed_workload(db, meter, runs):
         for id in victims:
             db.delete(db[id])
 
-    return [(name,) + measure(meter, runs, setup, work) for name, work in
-            [('session', by_session), ('floor', by_floor),
-             ('naive', by_naive)]]
+    # A request takes milliseconds: many runs, for a steady median.
+    return compare(meter, runs * 5, setup, [
+        ('session', by_session), ('floor', by_floor), ('naive', by_naive)])
 
 
 def idle_flush_workload(db, meter, sizes, runs):
@@ -247,9 +258,8 @@ def read_workload(db, meter, size, runs):
     plain = [row.doc for row in db.view('_all_docs', keys=ids,
                                         include_docs=True)]
     assert walk(tracked) == walk(plain)
-    return [(name,) + measure(meter, runs, lambda: None,
-                              lambda _, docs=docs: walk(docs))
-            for name, docs in [('session', tracked), ('plain', plain)]]
+    return compare(meter, runs, lambda: None, [
+        ('session', lambda _: walk(tracked)), ('plain', lambda _: walk(plain))])
 
 
 def memory_workload(db, size):
