@@ -977,10 +977,11 @@ class Session(object):
             entry.delete()
 
     def _entry_of(self, doc):
-        """The entry of ``doc`` if it is one of this session's documents."""
-        if isinstance(doc, _TrackedDict):
+        """The entry of ``doc`` if it is one of this session's documents
+        (a whole document: not a dict inside one)."""
+        if type(doc) is _TrackedDocument:
             entry = _entry_of(doc)
-            if self._entries.get(entry.id) is entry:
+            if entry.doc is doc and self._entries.get(entry.id) is entry:
                 return entry
         return None
 

@@ -1,77 +1,125 @@
-"""The contract of `session`, tested against a real CouchDB-compatible server.
+"""The tests of `session`, against a real CouchDB-compatible server.
 
-Each test gets a fresh database (the `db` fixture of conftest.py). The `wire`
-fixture records every HTTP request python-couchdb makes, so tests can assert
-what went over the wire.
+Each test gets a fresh database (the `db` fixture of conftest.py), and the
+server's state is checked with plain python-couchdb. The `wire` fixture
+records every HTTP request python-couchdb makes, so tests can assert what
+went over the wire. In this order:
+
+- the contract of `Session`: reading, creating, deleting, views, change
+  tracking, diffs, hooks and housekeeping, and a smoke run of the benchmark;
+- property tests (Hypothesis): random changes to tracked documents against a
+  plain model, diffs, JSON types, and the three-way merge with a concurrent
+  writer;
+- failures and conflicts: documents the server refuses, the ``on_conflict``
+  policies, and connections that fail on the way, through the TCP forwarder
+  of tools/forwarder.py (the `forwarder` and `remote` fixtures);
+- attachments: inline and uploaded, deleted, read, in conflicts and over
+  broken connections.
 """
 
+import base64
+import collections
 import copy
 import doctest
+import errno
 import importlib.util
+import io
+import itertools
 import json
 import math
+import mimetypes
 import os
-from urllib.parse import parse_qs, unquote, urlsplit
+import random
+import uuid
+from urllib.parse import unquote, urlsplit
 
 import couchdb
 import couchdb.http
 import jsonpatch
+import jsonpointer
 import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
 
 import session
 from session import FlushError, Session
+from tools.forwarder import Forwarder, is_bulk_docs
 from tools.localserver import temporary_database
 
 
 # -- Fixtures and helpers -----------------------------------------------------
 
-class Request(object):
-    """One HTTP request: method, path within the database, query, body."""
+class Request(collections.namedtuple('Request', 'method path body')):
+    """One HTTP request: method, path and body.
 
-    def __init__(self, method, url, body):
-        parts = urlsplit(url)
-        self.method = method
-        self.path = unquote(parts.path)
-        self.query = parse_qs(parts.query)
-        self.body = json.loads(body) if isinstance(body, (str, bytes)) \
-            and body else body
+    The path is relative to the database ('' for the database itself; the
+    path of a request elsewhere stays whole). A JSON body is a snapshot
+    (python-couchdb gets those as dicts and lists); any other body is what
+    was given: an attachment's bytes, or the file-like object streamed."""
+
+    __slots__ = ()
 
     def __repr__(self):
         return '%s %s' % (self.method, self.path)
 
 
 class Wire(list):
-    """The requests made since the fixture started (or `clear()`)."""
+    """The `Request` of every request python-couchdb made since the
+    fixture started (or `clear()`)."""
 
     def __init__(self, db):
         list.__init__(self)
         self.prefix = urlsplit(db.resource.url).path.rstrip('/')
 
+    def record(self, method, url, body):
+        path = unquote(urlsplit(url).path)
+        if path == self.prefix or path.startswith(self.prefix + '/'):
+            path = path[len(self.prefix) + 1:]
+        if isinstance(body, (dict, list)):
+            try:
+                body = json.loads(json.dumps(body))
+            except (TypeError, ValueError):
+                pass                # not JSON: python-couchdb refuses it
+        self.append(Request(method, path, body))
+
     def calls(self):
-        """``(method, path)`` of each request, the path relative to the
-        database ('' for the database itself)."""
-        return [(r.method, r.path[len(self.prefix):].lstrip('/'))
-                for r in self]
+        """``(method, path)`` of each request."""
+        return [(r.method, r.path) for r in self]
 
     def bulk_posts(self):
-        return [r for r in self if r.method == 'POST' and
-                r.path.endswith('/_bulk_docs')]
+        """The ``POST _bulk_docs`` requests."""
+        return [r for r in self
+                if (r.method, r.path) == ('POST', '_bulk_docs')]
+
+    def bulk_bodies(self):
+        """The body of each ``POST _bulk_docs``."""
+        return [r.body for r in self.bulk_posts()]
+
+    def bulk_ids(self):
+        """The ids sent by each ``POST _bulk_docs``, one list each."""
+        return [[doc['_id'] for doc in body['docs']]
+                for body in self.bulk_bodies()]
+
+    def puts(self):
+        """``(path, body)`` of each PUT."""
+        return [(r.path, r.body) for r in self if r.method == 'PUT']
 
     def writes(self):
         return [r for r in self if r.method in ('PUT', 'DELETE') or
-                r.path.endswith('/_bulk_docs')]
+                r.path == '_bulk_docs']
 
 
 @pytest.fixture
 def wire(db, monkeypatch):
+    """A `Wire` of the requests made through python-couchdb."""
     recorded = Wire(db)
-    original = couchdb.http.Session.request
+    request = couchdb.http.Session.request
 
-    def request(self, method, url, body=None, *args, **kwargs):
-        recorded.append(Request(method, url, body))
-        return original(self, method, url, body, *args, **kwargs)
+    def recording(self, method, url, body=None, *args, **kwargs):
+        recorded.record(method, url, body)
+        return request(self, method, url, body, *args, **kwargs)
 
-    monkeypatch.setattr(couchdb.http.Session, 'request', request)
+    monkeypatch.setattr(couchdb.http.Session, 'request', recording)
     return recorded
 
 
@@ -284,6 +332,19 @@ def test_save_creates_adopts_and_keeps_tracked_documents(db, wire):
     assert db['adopt']['v'] == 2
 
 
+def test_a_dict_inside_a_document_is_not_the_document(db):
+    """save() and delete() of a dict inside a tracked document treat it as
+    a plain dict: they never act on the document holding it."""
+    put(db, 'a', owner={'_id': 'owner-1', 'name': 'ann'})
+    S = Session(db)
+    doc = S['a']
+    assert S.save(doc['owner']) == ('owner-1', None)
+    S.delete(doc['owner'])                # the new one: forgotten
+    assert S.new == [] and S.deleted == [] and S.dirty == []
+    S.flush()
+    assert 'owner-1' not in db and db['a']['owner']['name'] == 'ann'
+
+
 def test_update_queues_each_document_and_returns_ids(db, wire):
     """update(docs) returns the list of ids; one bulk request at flush."""
     put(db, 'old', v=1)
@@ -411,7 +472,7 @@ def test_deleting_twice_raises_not_found(db):
         del S['a']
 
 
-# -- Passing through to the database -----------------------------------------
+# -- Passing through to the database ------------------------------------------
 
 def test_database_protocol_passes_through(db, server_url):
     """len, iter, bool, name, info() and other attributes are the
@@ -1135,3 +1196,2956 @@ def load_benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- Property tests -----------------------------------------------------------
+#
+# Property-based tests of change tracking, diffs and JSON types. Every
+# example works on a real server (the ``db`` fixture of conftest.py):
+# a document is written with plain python-couchdb, read in a `Session`,
+# changed, and what the user sees is checked: the tracked document, `diff`,
+# what `flush` returns and what the server holds afterwards.
+#
+# The reference model is a plain copy of the document (nested dicts and lists)
+# that undergoes the same changes. Values put into a tracked document are
+# deep-copied by the session (like JSON, no aliasing), so the model stores a
+# ``copy.deepcopy`` of every value it is given.
+#
+# The server is a JavaScript one (PouchDB Server) in development: it keeps no
+# difference between ``1`` and ``1.0`` and keeps integers exactly only up to
+# 2**53, so integers stay in that range and documents read back from the
+# server are compared with numbers taken by value (``True`` is still not
+# ``1``).
+
+
+# -- Property tests: strategies -----------------------------------------------
+
+MAX_INT = 2 ** 53
+
+#: Object keys, with the characters JSON Pointer escapes (``~`` and ``/``).
+keys = st.text(alphabet='ab~/1_ é', max_size=3)
+#: Top-level keys: CouchDB reserves those starting with ``_``.
+top_keys = keys.filter(lambda key: not key.startswith('_'))
+
+finite_floats = st.floats(allow_nan=False, allow_infinity=False)
+numbers = st.one_of(st.booleans(), st.integers(-MAX_INT, MAX_INT),
+                    finite_floats)
+scalars = st.one_of(st.none(), numbers, st.text(max_size=5))
+#: Lists that ``sort()`` can sort without a key.
+sortable_lists = st.one_of(st.lists(numbers, max_size=5),
+                           st.lists(st.text(max_size=3), max_size=5))
+json_values = st.recursive(
+    scalars | sortable_lists,
+    lambda children: (st.lists(children, max_size=4) |
+                      st.dictionaries(keys, children, max_size=4)),
+    max_leaves=6)
+json_lists = st.lists(json_values, max_size=4) | sortable_lists
+json_containers = json_lists | st.dictionaries(keys, json_values, max_size=3)
+documents = st.dictionaries(top_keys, json_values | json_containers,
+                            max_size=5)
+
+#: ``(before, after)``: equal in Python, different JSON values.
+equal_values_of_other_types = (
+    st.sampled_from([(1, True), (0, False), (True, 1), (False, 0),
+                     (True, 1.0), (False, 0.0)]) |
+    st.integers(-1000, 1000).map(lambda n: (n, float(n))))
+
+slice_steps = st.sampled_from([None, 1, 2, 3, -1, -2])
+
+SETTINGS = dict(deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+# -- Property tests: helpers --------------------------------------------------
+
+def same(a, b, exact_numbers=True):
+    """Whether ``a`` and ``b`` are the same JSON value: ``True`` is not ``1``
+    and, with ``exact_numbers``, ``1`` is not ``1.0``."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and
+                len(a) == len(b) and
+                all(key in b and same(value, b[key], exact_numbers)
+                    for key, value in a.items()))
+    if isinstance(a, list) or isinstance(b, list):
+        return (isinstance(a, list) and isinstance(b, list) and
+                len(a) == len(b) and
+                all(same(x, y, exact_numbers) for x, y in zip(a, b)))
+    if exact_numbers:
+        return type(a) is type(b) and a == b
+    number = (int, float)
+    if type(a) in number and type(b) in number:
+        # JavaScript writes 4.8e16 as 48000000000000000.
+        return float(a) == float(b)
+    return type(a) is type(b) and a == b
+
+
+def save(db, content):
+    """Write ``content`` as a new document with plain python-couchdb and read
+    it back: ``(id, the server's version as plain dicts and lists)``."""
+    id = uuid.uuid4().hex
+    db[id] = copy.deepcopy(content)
+    return id, dict(db[id])
+
+
+def vandalize(value):
+    """Change a container the caller handed over (or got back), to show that
+    the document does not share it."""
+    if isinstance(value, list):
+        value.append('vandal')
+    elif isinstance(value, dict):
+        value['vandal'] = True
+
+
+def ior(target, values):
+    target |= values
+    return target
+
+
+def iadd(target, values):
+    target += values
+    return target
+
+
+def imul(target, times):
+    target *= times
+    return target
+
+
+def imul_plain(target, times):
+    """``target *= times`` as JSON would do it: the repeats are copies."""
+    copies = [copy.deepcopy(item) for _ in range(times - 1) for item in target]
+    if times > 0:
+        target.extend(copies)
+    else:
+        target.clear()
+    return target
+
+
+def sortable(items):
+    return (all(type(item) in (bool, int, float) for item in items) or
+            all(type(item) is str for item in items))
+
+
+def json_sort_key(item):
+    return json.dumps(item, sort_keys=True)
+
+
+def json_size(value):
+    return len(json.dumps(value))
+
+
+Handle = collections.namedtuple('Handle', 'tracked plain root expr')
+
+_RAISED = object()
+
+
+class Mirror(object):
+    """Applies the same random changes to a tracked document and to a plain
+    model of it, checking after each change that both agree.
+
+    It keeps every container it has reached (a "handle": the tracked proxy
+    and the model's object), so later changes may go through references
+    obtained earlier, as user code does.
+    """
+
+    def __init__(self, data, doc, plain):
+        self.data = data
+        self.doc = doc
+        self.plain = plain
+        self.pool = [Handle(doc, plain, True, 'doc')]
+
+    def draw(self, strategy):
+        return self.data.draw(strategy)
+
+    def run(self, max_steps=12):
+        for _ in range(self.draw(st.integers(0, max_steps))):
+            self.step()
+
+    def step(self):
+        handle = self.pool[self.draw(st.integers(0, len(self.pool) - 1))]
+        for _ in range(self.draw(st.integers(0, 3))):
+            child = self.descend(handle)
+            if child is None:
+                break
+            handle = child
+            self.pool.append(handle)
+        if isinstance(handle.plain, dict):
+            self.change_dict(handle)
+        else:
+            self.change_list(handle)
+        assert same(self.doc, self.plain)
+        assert self.doc == self.plain
+
+    def mark_every_container(self):
+        """Change every dict and list of the document once, through the
+        tracked document and in the model: a container the document held
+        twice (an alias) would show the change twice."""
+        paths = []
+
+        def collect(value, path):
+            if isinstance(value, (dict, list)):
+                paths.append(path)
+                where = value if isinstance(value, dict) else range(len(value))
+                for k in where:
+                    collect(value[k], path + [k])
+        collect(self.plain, [])
+        for number, path in enumerate(paths):
+            t, p = self.doc, self.plain
+            for k in path:
+                t, p = t[k], p[k]
+            if isinstance(p, list):
+                t.append('mark %d' % number)
+                p.append('mark %d' % number)
+            else:
+                t['mark %d' % number] = number
+                p['mark %d' % number] = number
+        assert same(self.doc, self.plain)
+
+    # Reading children through the different read paths.
+
+    def descend(self, handle):
+        t, p, expr = handle.tracked, handle.plain, handle.expr
+        where = p if isinstance(p, dict) else range(len(p))
+        containers = [k for k in where if isinstance(p[k], (dict, list))]
+        if not containers:
+            return None
+        k = self.draw(st.sampled_from(containers))
+        if isinstance(p, dict):
+            how = self.draw(st.sampled_from(
+                ['[]', 'get', 'items', 'values', 'setdefault']))
+            if how == '[]':
+                child, text = t[k], '%s[%r]' % (expr, k)
+            elif how == 'get':
+                child, text = t.get(k), '%s.get(%r)' % (expr, k)
+            elif how == 'items':
+                child = [v for key, v in t.items() if key == k][0]
+                text = 'dict(%s.items())[%r]' % (expr, k)
+            elif how == 'values':
+                position = list(p).index(k)
+                child = list(t.values())[position]
+                text = 'list(%s.values())[%d]' % (expr, position)
+            else:
+                child = t.setdefault(k, 'unused')
+                text = '%s.setdefault(%r, "unused")' % (expr, k)
+        else:
+            n = len(p)
+            how = self.draw(st.sampled_from(
+                ['[]', 'negative', 'iter', 'reversed']))
+            if how == '[]':
+                child, text = t[k], '%s[%d]' % (expr, k)
+            elif how == 'negative':
+                child, text = t[k - n], '%s[%d]' % (expr, k - n)
+            elif how == 'iter':
+                child = [item for item in t][k]
+                text = '[x for x in %s][%d]' % (expr, k)
+            else:
+                child = list(reversed(t))[n - 1 - k]
+                text = 'list(reversed(%s))[%d]' % (expr, n - 1 - k)
+        assert same(child, p[k]), text
+        return Handle(child, p[k], False, text)
+
+    # Values to put in.
+
+    def value(self, lists_only=False):
+        """``(for the tracked side, for the model, source)``: a new JSON
+        value (``source`` is None) or, sometimes, a container of the
+        document itself: its tracked proxy, a copy of its model object, and
+        that object as ``source``."""
+        handles = [h for h in self.pool
+                   if (isinstance(h.plain, list) or not lists_only) and
+                   json_size(h.plain) < 400]
+        if handles and self.draw(st.integers(0, 4)) == 0:
+            h = handles[self.draw(st.integers(0, len(handles) - 1))]
+            return h.tracked, copy.deepcopy(h.plain), h.plain
+        v = self.draw(json_lists if lists_only else json_values)
+        return v, copy.deepcopy(v), None
+
+    def key(self, handle):
+        """A key of the dict of ``handle``: one it has, or any (never one
+        starting with ``_`` at the top level)."""
+        candidates = [k for k in handle.plain
+                      if not (handle.root and k.startswith('_'))]
+        fresh = top_keys if handle.root else keys
+        if not candidates:
+            return self.draw(fresh)
+        if self.draw(st.booleans()):
+            return self.draw(st.sampled_from(candidates))
+        return self.draw(fresh)
+
+    def apply(self, text, on_tracked, on_plain):
+        """Run a change on both sides: both raise the same exception, or
+        both return the same value."""
+        note(text)
+        try:
+            expected = on_plain()
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            with pytest.raises(type(exc)):
+                on_tracked()
+            return _RAISED
+        got = on_tracked()
+        assert same(got, expected), text
+        return got
+
+    def apply_and_vandalize(self, text, on_tracked, on_plain, part=None):
+        """`apply` a change that takes a value out of the document, then
+        change that value on both sides: the document must not see it.
+        The session hands out a copy of what it takes out (no object is
+        shared between a document and the code around it), so the model
+        copies it too."""
+        got, expected = [], []
+        self.apply(text, lambda: got.append(on_tracked()) or got[0],
+                   lambda: expected.append(copy.deepcopy(on_plain())) or
+                   expected[0])
+        if got:
+            vandalize(got[0] if part is None else got[0][part])
+            vandalize(expected[0] if part is None else expected[0][part])
+
+    # Changes of dicts.
+
+    def change_dict(self, h):
+        t, p, expr = h.tracked, h.plain, h.expr
+        ops = ['[]=', 'del', 'update', 'setdefault', 'pop', '|=',
+               'child +=', 'child *=']
+        if not h.root:
+            ops += ['popitem', 'clear']
+        op = self.draw(st.sampled_from(ops))
+        event('dict ' + op)
+        if op == '[]=':
+            k = self.key(h)
+            vt, vp, source = self.value()
+            old = p.get(k)
+
+            def on_tracked():
+                t[k] = vt
+
+            def on_plain():
+                p[k] = vp
+            self.apply('%s[%r] = %r' % (expr, k, vp), on_tracked, on_plain)
+            if source is None:
+                vandalize(vt)
+            elif source is old:
+                self.forget_within(old)
+        elif op == 'del':
+            k = self.key(h)
+
+            def on_tracked():
+                del t[k]
+
+            def on_plain():
+                del p[k]
+            self.apply('del %s[%r]' % (expr, k), on_tracked, on_plain)
+        elif op in ('update', '|='):
+            mt, mp, fresh = {}, {}, []
+            for _ in range(self.draw(st.integers(0, 3))):
+                k = self.key(h)
+                mt[k], mp[k], source = self.value()
+                if source is None:
+                    fresh.append(mt[k])
+            if op == '|=':
+                self.apply('%s |= %r' % (expr, mp),
+                           lambda: ior(t, mt) is t,
+                           lambda: ior(p, mp) is p)
+            else:
+                form = self.draw(st.sampled_from(['dict', 'pairs', 'kwargs']))
+                if form == 'dict':
+                    on_tracked = lambda: t.update(mt)  # noqa: E731
+                elif form == 'pairs':
+                    on_tracked = lambda: t.update(list(mt.items()))  # noqa
+                else:
+                    on_tracked = lambda: t.update(**mt)  # noqa: E731
+                self.apply('%s.update(%r) (as %s)' % (expr, mp, form),
+                           on_tracked, lambda: p.update(mp))
+            for v in fresh:
+                vandalize(v)
+        elif op == 'setdefault':
+            k = self.key(h)
+            vt, vp, source = self.value()
+            got = self.apply('%s.setdefault(%r, %r)' % (expr, k, vp),
+                             lambda: t.setdefault(k, vt),
+                             lambda: p.setdefault(k, vp))
+            if source is None:
+                vandalize(vt)
+            if isinstance(p[k], (dict, list)):
+                self.pool.append(Handle(got, p[k], False, '%s.setdefault(%r)'
+                                        % (expr, k)))
+        elif op == 'pop':
+            k = self.key(h)
+            if self.draw(st.booleans()):
+                self.apply_and_vandalize('%s.pop(%r)' % (expr, k),
+                                         lambda: t.pop(k), lambda: p.pop(k))
+            else:
+                self.apply_and_vandalize('%s.pop(%r, None)' % (expr, k),
+                                         lambda: t.pop(k, None),
+                                         lambda: p.pop(k, None))
+        elif op == 'popitem':
+            self.apply_and_vandalize('%s.popitem()' % expr,
+                                     lambda: t.popitem(), lambda: p.popitem(),
+                                     part=1)
+        elif op == 'clear':
+            self.apply('%s.clear()' % expr, lambda: t.clear(),
+                       lambda: p.clear())
+        else:
+            self.change_child_list(h, op)
+
+    # Changes of lists.
+
+    def change_list(self, h):
+        t, p, expr = h.tracked, h.plain, h.expr
+        n = len(p)
+        ops = ['[]=', 'del', '[:]=', 'del [:]', 'append', 'extend', 'insert',
+               'pop', 'remove', 'sort', 'reverse', '+=', '*=', 'clear',
+               'child +=', 'child *=']
+        op = self.draw(st.sampled_from(ops))
+        event('list ' + op)
+        index = st.integers(-n - 1, n)      # out of range at both ends too
+        if op == '[]=':
+            i = self.draw(index)
+            vt, vp, source = self.value()
+            old = p[i] if -n <= i < n else None
+
+            def on_tracked():
+                t[i] = vt
+
+            def on_plain():
+                p[i] = vp
+            self.apply('%s[%d] = %r' % (expr, i, vp), on_tracked, on_plain)
+            if source is None:
+                vandalize(vt)
+            elif source is old:
+                self.forget_within(old)
+        elif op == 'del':
+            i = self.draw(index)
+
+            def on_tracked():
+                del t[i]
+
+            def on_plain():
+                del p[i]
+            self.apply('del %s[%d]' % (expr, i), on_tracked, on_plain)
+        elif op in ('[:]=', 'del [:]'):
+            bound = st.none() | st.integers(-n - 2, n + 2)
+            s = slice(self.draw(bound), self.draw(bound),
+                      self.draw(slice_steps))
+            if op == 'del [:]':
+                def on_tracked():
+                    del t[s]
+
+                def on_plain():
+                    del p[s]
+                self.apply('del %s[%r]' % (expr, s), on_tracked, on_plain)
+                return
+            if s.step not in (None, 1) and self.draw(st.integers(0, 4)):
+                # An extended slice takes exactly as many items as it has.
+                count = len(range(*s.indices(n)))
+                vt = self.draw(st.lists(json_values, min_size=count,
+                                        max_size=count))
+                vp, source = copy.deepcopy(vt), None
+            else:
+                vt, vp, source = self.value(lists_only=True)
+
+            def on_tracked():
+                t[s] = vt
+
+            def on_plain():
+                p[s] = vp
+            self.apply('%s[%r] = %r' % (expr, s, vp), on_tracked, on_plain)
+            if source is None:
+                vandalize(vt)
+                for item in vt:
+                    vandalize(item)
+        elif op == 'append':
+            vt, vp, source = self.value()
+            self.apply('%s.append(%r)' % (expr, vp),
+                       lambda: t.append(vt), lambda: p.append(vp))
+            if source is None:
+                vandalize(vt)
+        elif op in ('extend', '+='):
+            vt, vp, source = self.value(lists_only=True)
+            if op == 'extend':
+                self.apply('%s.extend(%r)' % (expr, vp),
+                           lambda: t.extend(vt), lambda: p.extend(vp))
+            else:
+                self.apply('%s += %r' % (expr, vp),
+                           lambda: iadd(t, vt) is t, lambda: iadd(p, vp) is p)
+            if source is None:
+                for item in vt:
+                    vandalize(item)
+        elif op == 'insert':
+            i = self.draw(st.integers(-n - 2, n + 2))
+            vt, vp, source = self.value()
+            self.apply('%s.insert(%d, %r)' % (expr, i, vp),
+                       lambda: t.insert(i, vt), lambda: p.insert(i, vp))
+            if source is None:
+                vandalize(vt)
+        elif op == 'pop':
+            if self.draw(st.booleans()):
+                self.apply_and_vandalize('%s.pop()' % expr, lambda: t.pop(),
+                                         lambda: p.pop())
+            else:
+                i = self.draw(index)
+                self.apply_and_vandalize('%s.pop(%d)' % (expr, i),
+                                         lambda: t.pop(i), lambda: p.pop(i))
+        elif op == 'remove':
+            if n and self.draw(st.booleans()):
+                v = copy.deepcopy(p[self.draw(st.integers(0, n - 1))])
+            else:
+                v = self.draw(json_values)
+            vp = copy.deepcopy(v)
+            self.apply('%s.remove(%r)' % (expr, vp),
+                       lambda: t.remove(v), lambda: p.remove(vp))
+        elif op == 'sort':
+            reverse = self.draw(st.booleans())
+            if sortable(p) and self.draw(st.integers(0, 3)):
+                self.apply('%s.sort(reverse=%r)' % (expr, reverse),
+                           lambda: t.sort(reverse=reverse),
+                           lambda: p.sort(reverse=reverse))
+            else:
+                self.apply('%s.sort(key=json_sort_key, reverse=%r)'
+                           % (expr, reverse),
+                           lambda: t.sort(key=json_sort_key, reverse=reverse),
+                           lambda: p.sort(key=json_sort_key, reverse=reverse))
+        elif op == 'reverse':
+            self.apply('%s.reverse()' % expr, lambda: t.reverse(),
+                       lambda: p.reverse())
+        elif op == '*=':
+            times = self.draw(st.integers(-1, 3))
+            self.apply('%s *= %d' % (expr, times),
+                       lambda: imul(t, times) is t,
+                       lambda: imul_plain(p, times) is p)
+        elif op == 'clear':
+            self.apply('%s.clear()' % expr, lambda: t.clear(),
+                       lambda: p.clear())
+        else:
+            self.change_child_list(h, op)
+
+    def change_child_list(self, h, op):
+        """``parent[k] += values`` or ``parent[k] *= n`` on a list child:
+        Python reads the child, changes it in place, and stores it back (a
+        store, so the model stores a copy)."""
+        t, p, expr = h.tracked, h.plain, h.expr
+        where = p if isinstance(p, dict) else range(len(p))
+        lists = [k for k in where if isinstance(p[k], list)]
+        if not lists:
+            return
+        k = self.draw(st.sampled_from(lists))
+        old = p[k]
+        if op == 'child +=':
+            vt, vp, source = self.value(lists_only=True)
+
+            def on_tracked():
+                t[k] += vt
+
+            def on_plain():
+                child = p[k]
+                child += vp
+                p[k] = copy.deepcopy(child)
+            self.apply('%s[%r] += %r' % (expr, k, vp), on_tracked, on_plain)
+        else:
+            times = self.draw(st.integers(-1, 3))
+
+            def on_tracked():
+                t[k] *= times
+
+            def on_plain():
+                p[k] = copy.deepcopy(imul_plain(p[k], times))
+            self.apply('%s[%r] *= %d' % (expr, k, times), on_tracked,
+                       on_plain)
+        self.forget_within(old)
+
+    def forget_within(self, old):
+        """Drop the handles into ``old``, a container just stored back over
+        itself (``parent[k] += v``, ``d[k] = d[k]``). The session stores a
+        copy, so references taken before no longer reach the document;
+        Python would keep the object. The tests take no side: they stop
+        using those references."""
+        inside = set()
+        stack = [old]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, (dict, list)):
+                inside.add(id(value))
+                stack.extend(value.values() if isinstance(value, dict)
+                             else value)
+        self.pool = [h for h in self.pool
+                     if h.root or id(h.plain) not in inside]
+
+
+def check_patch(patch, before, current):
+    """``patch`` (a `Session.diff`) turns ``before`` into ``current``, op by
+    op, and each ``was`` is what the op overwrites or removes."""
+    state = copy.deepcopy(before)
+    for op in patch:
+        assert op['op'] in ('add', 'remove', 'replace'), op
+        if op['op'] in ('replace', 'remove'):
+            # The value at the path when the op applies: for several items
+            # removed from a list, the same path in turn.
+            assert same(op['was'], jsonpointer.resolve_pointer(
+                state, op['path'])), op
+        if op['op'] == 'replace':
+            assert not same(op['value'], op['was']), op
+        state = jsonpatch.apply_patch(state, [op])
+    assert same(state, current)
+    assert same(jsonpatch.apply_patch(before, patch), current)
+
+
+# -- Property tests: tracking -------------------------------------------------
+
+@settings(max_examples=300, **SETTINGS)
+@given(content=documents, data=st.data())
+def test_tracked_document_changes_like_a_plain_copy_and_flushes_them(
+        db, content, data):
+    """Random changes at any depth reach the server, and only real ones."""
+    id, plain = save(db, content)
+    S = session.Session(db)
+    doc = S[id]
+    mirror = Mirror(data, doc, plain)
+    for round in range(data.draw(st.integers(1, 2))):
+        note('-- round %d' % round)
+        original = copy.deepcopy(plain)
+        mirror.run()
+        assert same(doc, plain)
+        assert doc == plain
+
+        results = S.flush()
+        event('written' if results else 'not written')
+        if same(plain, original):
+            assert results == []
+        else:
+            [(ok, written_id, rev)] = results
+            assert ok and written_id == id
+            assert rev != original['_rev']
+            assert doc['_rev'] == rev
+            plain['_rev'] = rev
+        assert S.flush() == []
+        fresh = session.Session(db)[id]
+        assert fresh['_rev'] == plain['_rev']
+        assert same(fresh, plain, exact_numbers=False)
+        assert same(doc, plain)
+    mirror.mark_every_container()
+
+
+# -- Property tests: diff -----------------------------------------------------
+
+@settings(max_examples=300, **SETTINGS)
+@given(before=documents, after=documents, data=st.data())
+def test_diff_turns_the_fetched_version_into_one_assigned_key_by_key(
+        db, before, after, data):
+    """The diff of a document rewritten key by key patches the version
+    fetched into the current one."""
+    id, fetched = save(db, before)
+    S = session.Session(db)
+    doc = S[id]
+    gone = [k for k in fetched if not k.startswith('_') and k not in after]
+    work = [('del', k) for k in gone] + [('set', k) for k in after]
+    for how, k in data.draw(st.permutations(work)):
+        if how == 'del':
+            del doc[k]
+        elif data.draw(st.booleans()):
+            doc[k] = after[k]
+        else:
+            doc.update({k: after[k]})
+    current = dict(copy.deepcopy(after), _id=id, _rev=fetched['_rev'])
+    assert same(doc, current)
+    patch = S.diff(doc)
+    check_patch(patch, fetched, current)
+    if same(fetched, current):
+        assert patch == []
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(content=documents, data=st.data())
+def test_diff_turns_the_fetched_version_into_one_changed_at_random(
+        db, content, data):
+    """The diff after random changes at any depth patches the version
+    fetched into the current one, and shares nothing with the document."""
+    id, plain = save(db, content)
+    fetched = copy.deepcopy(plain)
+    S = session.Session(db)
+    doc = S[id]
+    mirror = Mirror(data, doc, plain)
+    mirror.run(max_steps=15)
+    if data.draw(st.booleans()):
+        mirror.mark_every_container()
+    patch = S.diff(doc)
+    check_patch(patch, fetched, plain)
+    if same(fetched, plain):
+        assert patch == []
+    for op in patch:
+        vandalize(op.get('value'))
+        vandalize(op.get('was'))
+    assert same(doc, plain)
+    check_patch(S.diff(doc), fetched, plain)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(content=documents, data=st.data())
+def test_changes_that_cancel_out_are_neither_diffed_nor_sent(
+        db, content, data):
+    """A document changed and then put back as fetched has an empty diff
+    and is not written."""
+    id, plain = save(db, content)
+    fetched = copy.deepcopy(plain)
+    S = session.Session(db)
+    doc = S[id]
+    Mirror(data, doc, plain).run()
+    event('changed' if not same(plain, fetched) else 'unchanged')
+    # Put it back, key by key.
+    for k in list(doc):
+        if k not in fetched:
+            del doc[k]
+    for k in data.draw(st.permutations(
+            [k for k in fetched if not k.startswith('_')])):
+        doc[k] = copy.deepcopy(fetched[k])
+    assert same(doc, fetched)
+    assert S.diff(doc) == []
+    assert not S.has_changes()
+    assert S.flush() == []
+    assert session.Session(db)[id]['_rev'] == fetched['_rev']
+
+
+# -- Property tests: JSON types -----------------------------------------------
+
+PLACES = {
+    # name: (content holding a value, path of the value in JSON Pointer)
+    'top': (lambda v: {'v': v, 'w': 1}, '/v'),
+    'dict': (lambda v: {'d': {'v': v, 'w': 1}}, '/d/v'),
+    'list': (lambda v: {'l': ['x', v, 'y']}, '/l/1'),
+}
+
+
+def set_at(doc, path, value):
+    *parents, last = path.strip('/').split('/')
+    for part in parents:
+        doc = doc[part]
+    doc[int(last) if isinstance(doc, list) else last] = value
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(values=equal_values_of_other_types,
+       place=st.sampled_from(sorted(PLACES)))
+def test_an_equal_value_of_another_json_type_is_a_change(db, values, place):
+    """1 -> True and 1 -> 1.0 are diffed and written, though they are ==."""
+    was, value = values
+    make, path = PLACES[place]
+    id, fetched = save(db, make(was))
+    S = session.Session(db)
+    doc = S[id]
+    set_at(doc, path, value)
+    patch = S.diff(doc)
+    assert same(patch, [{'op': 'replace', 'path': path, 'value': value,
+                         'was': was}])
+    [(ok, written_id, rev)] = S.flush()
+    assert ok and written_id == id and rev != fetched['_rev']
+    stored = jsonpointer.resolve_pointer(session.Session(db)[id], path)
+    assert same(stored, value, exact_numbers=False)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(content=documents, data=st.data())
+def test_storing_an_equal_value_of_the_same_type_is_not_a_change(
+        db, content, data):
+    """Values stored over themselves (as copies), at any depth, are
+    neither diffed nor written."""
+    id, fetched = save(db, content)
+    S = session.Session(db)
+    doc = S[id]
+    paths = []
+
+    def collect(value, path):
+        items = (value.items() if isinstance(value, dict)
+                 else enumerate(value) if isinstance(value, list) else ())
+        for k, item in items:
+            if not (path == [] and k.startswith('_')):
+                paths.append(path + [k])
+                collect(item, path + [k])
+    collect(fetched, [])
+    if paths:
+        for path in data.draw(st.lists(st.sampled_from(paths), max_size=8)):
+            note('doc%s = copy of itself' % ''.join('[%r]' % k for k in path))
+            target, source = doc, fetched
+            for k in path[:-1]:
+                target, source = target[k], source[k]
+            target[path[-1]] = copy.deepcopy(source[path[-1]])
+    assert same(doc, fetched)
+    assert S.diff(doc) == []
+    assert S.flush() == []
+    assert session.Session(db)[id]['_rev'] == fetched['_rev']
+
+
+# -- Property tests: the three-way merge --------------------------------------
+#
+# A concurrent writer: the session fetches a document and changes it through
+# the tracked proxy, while another writer changes (or deletes) a plain copy
+# of the same version and saves it with python-couchdb. `flush(on_conflict=
+# 'merge')` must then write the three-way merge of the version fetched (the
+# base), the session's (mine) and the server's (theirs), or report a real
+# conflict with both sides left as they were.
+#
+# The reference model, `three_way`, is written from the rules of the merge:
+# a value changed on one side only takes that side's; changed on both sides
+# to the same JSON value is fine; dicts changed on both sides merge key by
+# key (an absent or non-dict base counts as the empty dict, as the empty
+# document is the base of a document created in the session); anything else
+# changed on both sides (scalars, lists, a key removed on one side and
+# changed on the other) is a conflict. `ABSENT` stands for a missing key,
+# and, at the top, for a deleted document: deleting is "removing the
+# document", so a deletion against a change is a conflict too.
+
+class _Absent(object):
+    def __repr__(self):
+        return 'ABSENT'
+
+
+#: A missing dict key, or a deleted document, in `three_way`.
+ABSENT = _Absent()
+
+
+class ModelConflict(Exception):
+    """Both sides changed the value at a path (the argument) differently."""
+
+
+def three_way(base, mine, theirs, path=''):
+    """The three-way merge of JSON values; `ABSENT` for a missing one.
+
+    :raise ModelConflict: naming the first path both sides changed
+                          differently
+    """
+    if same(base, theirs):
+        return mine                 # only mine changed (or nothing did)
+    if same(base, mine):
+        return theirs               # only theirs changed
+    if same(mine, theirs):
+        return mine                 # both changed it the same way
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        old = base if isinstance(base, dict) else {}
+        merged = {}
+        for key in sorted(set(mine) | set(theirs)):
+            value = three_way(old.get(key, ABSENT), mine.get(key, ABSENT),
+                              theirs.get(key, ABSENT), '%s/%s' % (path, key))
+            if value is not ABSENT:
+                merged[key] = value
+        return merged
+    raise ModelConflict(path or '/')
+
+
+def test_the_merge_model_itself():
+    """`three_way` on hand-made cases, so that its verdicts can be trusted."""
+    base = {'v': 0, 'l': [1], 'd': {'p': 0, 'q': 0}, 'gone': 1}
+    assert three_way(base, dict(base, v=1), dict(base, w=2)) == \
+        dict(base, v=1, w=2)
+    assert three_way(base, dict(base, d={'p': 1, 'q': 0}),
+                     dict(base, d={'p': 0, 'q': 2})) == \
+        dict(base, d={'p': 1, 'q': 2})
+    assert three_way(base, dict(base, v=5), dict(base, v=5)) == \
+        dict(base, v=5)
+    assert three_way(base, ABSENT, base) is ABSENT
+    assert three_way(base, ABSENT, ABSENT) is ABSENT
+    assert three_way({}, {'n': {'a': 1}}, {'n': {'b': 2}}) == \
+        {'n': {'a': 1, 'b': 2}}
+    for mine, theirs in [({'v': 1}, {'v': 2}),
+                         ({'l': [1, 2]}, {'l': [1, 3]}),
+                         ({'v': True}, {'v': 1}),
+                         ({'d': {'p': 1}}, {'d': {}})]:
+        with pytest.raises(ModelConflict):
+            three_way(base, dict(base, **mine), dict(base, **theirs))
+    minus_gone = {k: v for k, v in base.items() if k != 'gone'}
+    with pytest.raises(ModelConflict):
+        three_way(base, minus_gone, dict(base, gone=2))
+    with pytest.raises(ModelConflict):
+        three_way(base, ABSENT, dict(base, v=1))
+    with pytest.raises(ModelConflict):
+        three_way(base, dict(base, v=1), ABSENT)
+
+
+#: A small key alphabet, so that both writers often touch the same keys
+#: (one key with the characters JSON Pointer escapes).
+merge_keys = st.sampled_from(['a', 'b', 'c', 'd/~'])
+#: Small values, often equal ones, so that both writers often make the same
+#: change.
+merge_scalars = st.sampled_from([0, 1, 'x', None, True]) | scalars
+merge_values = st.recursive(
+    merge_scalars,
+    lambda children: (st.lists(children, max_size=3) |
+                      st.dictionaries(merge_keys, children, max_size=3)),
+    max_leaves=5)
+merge_documents = st.dictionaries(merge_keys, merge_values | json_containers,
+                                  max_size=4)
+
+#: What each writer does: weights by repetition.
+MINE_ACTIONS = ['edit'] * 6 + ['edit, then put back'] + ['delete'] * 2
+THEIR_ACTIONS = (['edit'] * 6 + ['same edits as mine'] * 2 +
+                 ['same edits as mine, and more'] * 2 + ['save unchanged'] +
+                 ['delete'] * 2)
+
+
+def body(document):
+    """A plain deep copy of a document without ``_id`` and ``_rev``."""
+    return {k: copy.deepcopy(v) for k, v in document.items()
+            if k not in ('_id', '_rev')}
+
+
+def draw_edit(data, root):
+    """A random change of the plain document ``root``, as ``(path, op, key,
+    value)``: the container at ``path`` gets ``op`` (with ``key`` and
+    ``value`` as the op takes them)."""
+    path, node = [], root
+    while True:
+        where = node if isinstance(node, dict) else range(len(node))
+        inner = [k for k in where if isinstance(node[k], (dict, list))
+                 and not (not path and k.startswith('_'))]
+        if not inner or data.draw(st.integers(0, 2)) == 0:
+            break
+        k = data.draw(st.sampled_from(inner))
+        path.append(k)
+        node = node[k]
+    if isinstance(node, dict):
+        existing = [k for k in node if not (not path and k.startswith('_'))]
+        op = data.draw(st.sampled_from(
+            ['[]=', 'update'] + (['del', 'pop'] if existing else [])))
+        if op in ('del', 'pop'):
+            return path, op, data.draw(st.sampled_from(existing)), None
+        return path, op, data.draw(merge_keys), data.draw(merge_values)
+    n = len(node)
+    op = data.draw(st.sampled_from(
+        ['append', 'insert'] + (['[]=', 'pop'] if n else [])))
+    if op == 'append':
+        return path, op, None, data.draw(merge_values)
+    if op == 'pop':
+        return path, op, data.draw(st.integers(0, n - 1)), None
+    index = data.draw(st.integers(0, n if op == 'insert' else n - 1))
+    return path, op, index, data.draw(merge_values)
+
+
+def describe_edit(edit):
+    path, op, key, value = edit
+    target = 'doc' + ''.join('[%r]' % k for k in path)
+    if op == '[]=':
+        return '%s[%r] = %r' % (target, key, value)
+    if op == 'update':
+        return '%s.update({%r: %r})' % (target, key, value)
+    if op == 'del':
+        return 'del %s[%r]' % (target, key)
+    if op == 'pop':
+        return '%s.pop(%r)' % (target, key)
+    if op == 'append':
+        return '%s.append(%r)' % (target, value)
+    return '%s.insert(%r, %r)' % (target, key, value)
+
+
+def apply_edit(root, edit):
+    """Make ``edit`` on ``root``, a tracked or a plain document."""
+    path, op, key, value = edit
+    node = root
+    for k in path:
+        node = node[k]
+    value = copy.deepcopy(value)
+    if op == '[]=':
+        node[key] = value
+    elif op == 'update':
+        node.update({key: value})
+    elif op == 'del':
+        del node[key]
+    elif op == 'pop':
+        node.pop(key)
+    elif op == 'append':
+        node.append(value)
+    else:
+        node.insert(key, value)
+
+
+def changed_keys(base, side):
+    """The top-level keys ``side`` (a body, or `ABSENT`) changed."""
+    if side is ABSENT:
+        return set(base) | {'(deleted)'}
+    return {k for k in set(base) | set(side)
+            if not same(base.get(k, ABSENT), side.get(k, ABSENT))}
+
+
+@settings(max_examples=175, **SETTINGS)
+@given(content=merge_documents, data=st.data())
+def test_merge_with_a_concurrent_writer_is_the_three_way_merge_or_a_conflict(
+        db, content, data):
+    """flush(on_conflict='merge') against another writer's save writes the
+    three-way merge on the server's revision, or reports the conflict and
+    leaves both sides as they were."""
+    id, base = save(db, content)
+    S = session.Session(db)
+    doc = S[id]
+
+    # The session's side, through the tracked document.
+    mine_action = data.draw(st.sampled_from(MINE_ACTIONS))
+    mine = copy.deepcopy(base)
+    edits = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        edit = draw_edit(data, mine)
+        note('mine: ' + describe_edit(edit))
+        apply_edit(doc, edit)
+        apply_edit(mine, edit)
+        edits.append(edit)
+        assert same(doc.copy(), mine)
+    if mine_action == 'edit, then put back':
+        note('mine: put back as fetched')
+        for k in list(doc):
+            if k not in base:
+                del doc[k]
+        for k in base:
+            if not k.startswith('_'):
+                doc[k] = copy.deepcopy(base[k])
+        mine = copy.deepcopy(base)
+        assert same(doc.copy(), mine)
+    elif mine_action == 'delete':
+        how = data.draw(st.sampled_from(['del S[id]', 'S.delete(doc)']))
+        note('mine: ' + how)
+        if how == 'del S[id]':
+            del S[id]
+        else:
+            S.delete(doc)
+
+    # The other writer's side, on a plain copy of the same version.
+    their_action = data.draw(st.sampled_from(THEIR_ACTIONS))
+    if their_action == 'delete':
+        note('theirs: db.delete(copy of the version fetched)')
+        db.delete(copy.deepcopy(base))
+        theirs = None
+    else:
+        theirs = copy.deepcopy(base)
+        if their_action.startswith('same edits as mine'):
+            note('theirs: the same edits as mine')
+            for edit in edits:
+                apply_edit(theirs, edit)
+        if their_action in ('edit', 'same edits as mine, and more'):
+            for _ in range(data.draw(st.integers(1, 4))):
+                edit = draw_edit(data, theirs)
+                note('theirs: ' + describe_edit(edit))
+                apply_edit(theirs, edit)
+        db.save(theirs)
+        theirs = dict(db[id])           # as the server holds it
+        assert theirs['_rev'].startswith('2-')
+    event('mine: ' + mine_action)
+    event('theirs: ' + their_action)
+
+    # The model's verdict.
+    base_body = body(base)
+    mine_body = ABSENT if mine_action == 'delete' else body(mine)
+    theirs_body = ABSENT if theirs is None else body(theirs)
+    both = (changed_keys(base_body, mine_body) &
+            changed_keys(base_body, theirs_body))
+    event('both sides changed the same key' if both else
+          'no key changed on both sides')
+    try:
+        expected = three_way(base_body, mine_body, theirs_body)
+        note('model: merged into %r' % (expected,))
+    except ModelConflict as conflict:
+        note('model: conflict at %s' % conflict)
+        expected = conflict
+
+    def server_holds(version):
+        """The server holds ``version`` (a document read from it before),
+        or no live document for None."""
+        if version is None:
+            assert id not in db
+        else:
+            assert same(dict(db[id]), version)
+
+    try:
+        results, error = S.flush(on_conflict='merge'), None
+    except session.FlushError as exc:
+        results, error = None, exc
+    both_live = mine_body is not ABSENT and theirs_body is not ABSENT
+    if mine_body is not ABSENT and same(mine_body, base_body):
+        # No real change in the session: nothing to merge, nothing sent.
+        event('outcome: nothing to write')
+        assert error is None and results == []
+        server_holds(theirs)
+        assert same(doc.copy(), mine)
+        assert not S.has_changes()
+    elif both_live and (
+            same(mine_body, theirs_body) or
+            (same(mine_body, theirs_body, exact_numbers=False) and
+             results == [(True, id, theirs['_rev'])])):
+        # The server holds what the session sends: flush takes it for its
+        # own write whose answer was lost (see `Session.flush`) and writes
+        # nothing more. Where only numbers differ, as this server writes
+        # them (1.0 as 1, 4.8e16 as 48000000000000000), flush may also
+        # merge as the model says (below); True is never 1.
+        event('outcome: taken for its own write')
+        assert error is None and results == [(True, id, theirs['_rev'])]
+        server_holds(theirs)
+        assert same(body(doc.copy()), mine_body)
+        assert doc['_rev'] == theirs['_rev'] and not S.has_changes()
+    elif isinstance(expected, ModelConflict):
+        event('outcome: conflict')
+        if ABSENT in (mine_body, theirs_body):
+            event('outcome: conflict of a deletion with a change')
+        assert error is not None, 'merged into %r' % (results,)
+        assert list(error.failures) == [id]
+        assert isinstance(error.failures[id], couchdb.ResourceConflict)
+        server_holds(theirs)
+        if mine_body is ABSENT:
+            assert id not in S
+            assert [d['_id'] for d in S.deleted] == [id]
+        else:
+            assert same(doc.copy(), mine)      # the fetched _rev included
+            assert any(d is doc for d in S.dirty)
+        assert S.has_changes()
+    else:
+        assert error is None, error
+        [(ok, written_id, rev)] = results
+        assert ok is True and written_id == id
+        if expected is ABSENT:
+            event('outcome: merged into a deletion')
+            assert id not in db
+            assert S.get(id) is None
+            assert session.Session(db).get(id) is None
+        else:
+            event('outcome: merged')
+            if both:
+                event('outcome: merged where both sides changed a key')
+            if same(expected, theirs_body):
+                # The server has the merge already: adopted, not written.
+                event('outcome: merged into what the server has')
+                assert rev == theirs['_rev']
+            else:
+                assert rev.startswith('3-')
+            stored = db[id]
+            assert stored['_rev'] == rev
+            assert same(body(stored), expected, exact_numbers=False)
+            assert doc['_rev'] == rev and doc['_id'] == id
+            assert same(body(doc.copy()), expected)
+            assert not S.has_changes() and S.flush() == []
+            fresh = session.Session(db)[id]
+            assert fresh['_rev'] == rev
+            assert same(body(fresh), expected, exact_numbers=False)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(values=equal_values_of_other_types,
+       place=st.sampled_from(sorted(PLACES)))
+def test_merge_of_values_equal_in_python_but_not_in_json(db, values, place):
+    """Both sides change one value, to values Python finds equal (``1 ==
+    True``, ``1 == 1.0``): the same JSON value, as the server stores them,
+    merges; different ones (``True`` is not ``1``) are a conflict, never
+    a write lost."""
+    mine_value, their_value = values
+    make, path = PLACES[place]
+    id, base = save(db, make('fetched'))
+    S = session.Session(db)
+    doc = S[id]
+    set_at(doc, path, mine_value)
+    mine = doc.copy()
+    theirs = copy.deepcopy(base)
+    set_at(theirs, path, their_value)
+    db.save(theirs)
+    theirs = dict(db[id])
+    stored = jsonpointer.resolve_pointer(theirs, path)
+    note('mine: %r, theirs as stored: %r' % (mine_value, stored))
+    if same(mine_value, stored, exact_numbers=False):
+        event('the same JSON value')
+        S.flush(on_conflict='merge')
+        assert same(body(db[id]), body(mine), exact_numbers=False)
+        assert not S.has_changes()
+    else:
+        event('different JSON values')
+        with pytest.raises(session.FlushError) as caught:
+            S.flush(on_conflict='merge')
+        assert isinstance(caught.value.failures[id],
+                          couchdb.ResourceConflict)
+        assert same(dict(db[id]), theirs)
+        assert same(doc.copy(), mine) and S.has_changes()
+
+
+# -- Failures and conflicts ---------------------------------------------------
+#
+# What `Session.flush()` does when things go wrong: documents the server
+# refuses, conflicts with other writers (``on_conflict``), and broken
+# connections: the session's database goes through a
+# `tools.forwarder.Forwarder`, a TCP forwarder that refuses connections, cuts
+# them before a request reaches the server, or drops the server's answer after
+# the server applied the request. The tests check the server's state through
+# the direct ``db`` fixture.
+#
+# Every test ends with the server holding exactly the documents the user
+# meant, each written once: revision numbers (``'2-...'``) prove there was no
+# second write.
+
+VALIDATE = """function (newDoc, oldDoc, userCtx) {
+    if (newDoc.forbidden) throw({forbidden: 'no forbidden docs'});
+}"""
+
+
+# -- Failures: fixtures and helpers -------------------------------------------
+
+@pytest.fixture
+def forwarder(server_url):
+    """A `Forwarder` to the test server, in 'pass' mode."""
+    parts = urlsplit(server_url)
+    if parts.scheme != 'http':
+        pytest.skip('the forwarder speaks plain HTTP only')
+    with Forwarder(parts.hostname, parts.port or 80) as fw:
+        yield fw
+
+
+def through(forwarder, db, server_url, timeout=None):
+    """The database ``db`` reached through ``forwarder``: a
+    `couchdb.Database` with its own connection pool."""
+    parts = urlsplit(server_url)
+    netloc = urlsplit(forwarder.url).netloc
+    if parts.username:
+        netloc = parts.netloc.rpartition('@')[0] + '@' + netloc
+    url = 'http://%s%s%s' % (netloc, parts.path.rstrip('/') + '/', db.name)
+    return couchdb.Database(url, session=couchdb.http.Session(timeout=timeout))
+
+
+@pytest.fixture
+def remote(forwarder, db, server_url):
+    """The test database as the session sees it: through the forwarder."""
+    return through(forwarder, db, server_url)
+
+
+def forwarded(forwarder, method, kind):
+    """How many requests of ``method`` to paths ending in ``kind`` reached
+    the server."""
+    return sum(count for (m, path), count in forwarder.forwarded.items()
+               if m == method and path.endswith(kind))
+
+
+def bulk_posts(forwarder):
+    """How many ``POST _bulk_docs`` reached the server via ``forwarder``."""
+    return forwarded(forwarder, 'POST', '/_bulk_docs')
+
+
+def change(db, id, **values):
+    """Another writer changes a document on the server."""
+    doc = db[id]
+    doc.update(values)
+    db.save(doc)
+    return doc
+
+
+def content(db, id):
+    """The server's document without ``_id`` and ``_rev``, or None."""
+    doc = db.get(id)
+    if doc is None:
+        return None
+    return dict((k, v) for k, v in doc.items() if k not in ('_id', '_rev'))
+
+
+def generation(db, id):
+    """The number before the dash of the server's revision of ``id``."""
+    return int(db[id].rev.split('-')[0])
+
+
+def user_docs(db):
+    """The ids of the server's documents, design documents left out."""
+    return sorted(id for id in db if not id.startswith('_design/'))
+
+
+def is_connection_reset(exc):
+    """python-couchdb turns an empty answer into ``socket.error(ECONNRESET)``
+    (a plain OSError); a TCP reset is a ConnectionResetError."""
+    return isinstance(exc, OSError) and (
+        isinstance(exc, ConnectionResetError) or
+        exc.args[:1] == (errno.ECONNRESET,))
+
+
+# -- Failures: documents the server refuses -----------------------------------
+
+@pytest.fixture
+def validated(db):
+    """The database refuses documents with a true ``forbidden`` field."""
+    db['_design/validate'] = {'validate_doc_update': VALIDATE}
+
+
+def test_refused_document_fails_alone_and_keeps_its_change(db, validated,
+                                                            wire):
+    """A document refused in the middle of a bulk request is reported as
+    Forbidden with the server's reason; the others are written and clean."""
+    for id in 'abc':
+        put(db, id, v=0)
+    S = Session(db)
+    for id in 'abc':
+        S[id]['v'] = 1
+    S['b']['forbidden'] = True
+    S.create({'_id': 'n', 'v': 1})
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    error = caught.value
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    assert sorted(wire.bulk_ids()[0]) == ['a', 'b', 'c', 'n']
+    assert list(error.failures) == ['b']
+    refused = error.failures['b']
+    assert isinstance(refused, couchdb.Forbidden)
+    assert refused.args[0] == ('forbidden', 'no forbidden docs')
+    assert 'no forbidden docs' in str(error)
+    assert sorted((ok, id) for ok, id, _ in error.results) == [
+        (False, 'b'), (True, 'a'), (True, 'c'), (True, 'n')]
+    for id in 'acn':
+        assert S[id].rev == db[id].rev and content(db, id) == {'v': 1}
+    assert S.dirty == [S['b']] and S.new == []
+    assert S['b']['v'] == 1 and S['b']['forbidden'] is True
+    assert content(db, 'b') == {'v': 0}
+
+
+def test_fixed_refused_document_is_all_the_next_flush_sends(db, validated,
+                                                            wire):
+    """After fixing the refused value, a plain flush sends exactly that
+    document, and it is written once."""
+    for id in 'abc':
+        put(db, id, v=0)
+    S = Session(db)
+    for id in 'abc':
+        S[id]['v'] = 1
+    S['b']['forbidden'] = True
+    with pytest.raises(FlushError):
+        S.flush()
+    del S['b']['forbidden']
+    wire.clear()
+    [(ok, id, rev)] = S.flush()
+    assert wire.bulk_ids() == [['b']] and len(wire) == 1
+    assert (ok, id) == (True, 'b') and rev == db['b'].rev
+    for id in 'abc':
+        assert content(db, id) == {'v': 1} and generation(db, id) == 2
+    assert S.dirty == [] and S.flush() == []
+
+
+def test_flush_error_results_cover_every_hook_round(db, validated):
+    """FlushError.results holds what every bulk request of the flush
+    wrote or refused, post-flush hook rounds included."""
+    def audit(S, deleted, created, changed):
+        if any(doc['_id'] == 'a' for doc in created):
+            S.create({'_id': 'audit', 'forbidden': True})
+
+    S = Session(db, post_flush_hook=audit)
+    S.create({'_id': 'a', 'v': 1})
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert sorted((ok, id) for ok, id, _ in caught.value.results) == [
+        (False, 'audit'), (True, 'a')]
+    assert list(caught.value.failures) == ['audit']
+    assert user_docs(db) == ['a'] and S.new == [S['audit']]
+
+
+def test_refused_new_document_stays_new(db, validated):
+    """A refused create stays in S.new with its content, and is created
+    once it is fixed."""
+    S = Session(db)
+    id = S.create({'forbidden': 1, 'v': 1})
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures[id], couchdb.Forbidden)
+    assert S.new == [S[id]] and user_docs(db) == []
+    S[id]['forbidden'] = 0
+    S.flush()
+    assert content(db, id) == {'forbidden': 0, 'v': 1}
+    assert generation(db, id) == 1 and S.new == []
+
+
+# -- Failures: conflicts, 'raise' ---------------------------------------------
+
+def test_conflict_with_another_session_raises_and_keeps_the_change(db):
+    """By default a conflict ends in FlushError with ResourceConflict; the
+    session's document keeps its change and stays pending."""
+    rev = put(db, 'a', v=0, mine=0).rev
+    S1, S2 = Session(db), Session(db)
+    S1['a']['mine'] = 1
+    S2['a']['v'] = 'theirs'
+    S2.flush()
+    with pytest.raises(FlushError) as caught:
+        S1.flush()
+    assert list(caught.value.failures) == ['a']
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert [ok for ok, _, _ in caught.value.results] == [False]
+    assert dict(S1['a']) == {'_id': 'a', '_rev': rev, 'v': 0, 'mine': 1}
+    assert S1.dirty == [S1['a']]
+    assert content(db, 'a') == {'v': 'theirs', 'mine': 0}
+
+
+def test_retry_after_refresh_writes_on_the_new_revision(db):
+    """After a conflict, refresh() and redoing the change writes it on the
+    server's revision."""
+    put(db, 'a', v=0, mine=0)
+    S = Session(db)
+    S['a']['mine'] = 1
+    change(db, 'a', v='theirs')
+    with pytest.raises(FlushError):
+        S.flush()
+    doc = S.refresh('a')
+    doc['mine'] = 1
+    S.flush()
+    assert content(db, 'a') == {'v': 'theirs', 'mine': 1}
+    assert generation(db, 'a') == 3 and doc.rev == db['a'].rev
+
+
+def test_conflict_with_a_direct_write_leaves_other_documents_written(db):
+    """A conflict from a plain python-couchdb write fails that document
+    only; a plain flush afterwards retries just it, and fails again."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    S['a']['v'] = 1
+    S['b']['v'] = 1
+    db.save(dict(db['b'], v='theirs'))
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['b']
+    assert content(db, 'a') == {'v': 1} and S['a'].rev == db['a'].rev
+    with pytest.raises(FlushError):
+        S.flush()
+    assert content(db, 'b') == {'v': 'theirs'} and generation(db, 'b') == 2
+    assert S['b']['v'] == 1
+
+
+def test_deleting_a_document_someone_changed_conflicts(db):
+    """A deletion over someone's change is a conflict by default; the
+    deletion stays pending."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S.delete(S['a'])
+    change(db, 'a', v='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert content(db, 'a') == {'v': 'theirs'}
+    assert [doc['_id'] for doc in S.deleted] == ['a']
+
+
+# -- Failures: conflicts, 'overwrite' -----------------------------------------
+
+def test_overwrite_writes_the_sessions_version_over_theirs(db, wire):
+    """'overwrite': the session's whole version replaces the server's,
+    on the server's revision; no FlushError."""
+    put(db, 'a', v=0, keep=1)
+    S = Session(db)
+    S['a']['v'] = 'mine'
+    change(db, 'a', v='theirs', extra=True)
+    wire.clear()
+    [(ok, id, rev)] = S.flush(on_conflict='overwrite')
+    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_all_docs'),
+                            ('POST', '_bulk_docs')]
+    assert (ok, id) == (True, 'a')
+    assert content(db, 'a') == {'v': 'mine', 'keep': 1}
+    assert generation(db, 'a') == 3 and S['a'].rev == db['a'].rev == rev
+    assert S.dirty == [] and S.flush() == []
+
+
+def test_overwrite_deletion_deletes_their_latest(db):
+    """'overwrite': a deletion in the session deletes the server's latest
+    revision even though someone changed it."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S.delete(S['a'])
+    change(db, 'a', v='theirs')
+    S.flush(on_conflict='overwrite')
+    assert 'a' not in db and user_docs(db) == []
+    assert S.deleted == [] and 'a' not in S
+
+
+def test_overwrite_change_over_their_deletion_writes_it_again(db):
+    """'overwrite': a change over a server-side deletion writes the
+    document again."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S['a']['v'] = 'mine'
+    db.delete(db['a'])
+    S.flush(on_conflict='overwrite')
+    assert content(db, 'a') == {'v': 'mine'}
+    assert generation(db, 'a') == 3 and S['a'].rev == db['a'].rev
+
+
+def test_overwrite_create_over_their_create(db):
+    """'overwrite': a document created in the session replaces one created
+    concurrently with the same id."""
+    S = Session(db)
+    S.create({'_id': 'n', 'v': 'mine'})
+    put(db, 'n', v='theirs', other=1)
+    S.flush(on_conflict='overwrite')
+    assert content(db, 'n') == {'v': 'mine'} and generation(db, 'n') == 2
+
+
+# -- Failures: conflicts, 'merge' ---------------------------------------------
+
+def test_merge_of_disjoint_changes_is_written_on_their_revision(db, wire):
+    """'merge': changes to different keys, at any depth, are merged and
+    written on the server's revision; no FlushError."""
+    put(db, 'a', x=0, y=0, nested={'p': 0, 'q': 0}, gone=1)
+    S = Session(db)
+    doc = S['a']
+    doc['x'] = 'mine'
+    doc['nested']['p'] = 'mine'
+    del doc['gone']
+    theirs = change(db, 'a', y='theirs', nested={'p': 0, 'q': 'theirs'},
+                    added='theirs')
+    wire.clear()
+    S.flush(on_conflict='merge')
+    [_, _, resend] = [body for _, _, body in wire]
+    assert resend['docs'][0]['_rev'] == theirs.rev
+    merged = {'x': 'mine', 'y': 'theirs', 'added': 'theirs',
+              'nested': {'p': 'mine', 'q': 'theirs'}}
+    assert content(db, 'a') == merged
+    assert generation(db, 'a') == 3
+    assert dict(doc) == dict(db['a']) and S.dirty == []
+
+
+def test_two_sessions_merging_end_with_both_changes(db):
+    """Two sessions changing different keys of the same documents both
+    flush with 'merge': the server holds both changes."""
+    for id in 'ab':
+        put(db, id, first=0, second=0)
+    S1, S2 = Session(db), Session(db)
+    for id in 'ab':
+        S1[id]['first'] = 1
+        S2[id]['second'] = 2
+    S1.flush(on_conflict='merge')
+    S2.flush(on_conflict='merge')
+    for id in 'ab':
+        assert content(db, id) == {'first': 1, 'second': 2}
+        assert generation(db, id) == 3 and S2[id].rev == db[id].rev
+
+
+def test_merge_accepts_the_same_change_on_both_sides(db):
+    """'merge': both sides adding the same key with the same value (or
+    making the same change) is no conflict."""
+    put(db, 'a', v=0, tags=['x'])
+    S = Session(db)
+    S['a']['added'] = {'k': [1, 2]}
+    S['a']['tags'].append('y')
+    S['a']['mine'] = 1
+    change(db, 'a', added={'k': [1, 2]}, tags=['x', 'y'], theirs=1)
+    S.flush(on_conflict='merge')
+    assert content(db, 'a') == {'v': 0, 'tags': ['x', 'y'], 'mine': 1,
+                                'theirs': 1, 'added': {'k': [1, 2]}}
+    assert generation(db, 'a') == 3
+
+
+@pytest.mark.parametrize('mine, theirs', [
+    ({'v': 'mine'}, {'v': 'theirs'}),                    # same key
+    ({'tags': ['x', 'mine']}, {'tags': ['theirs']}),     # a list, both
+    ({'nested': {'p': 'mine'}}, {'nested': {}}),         # removed / changed
+])
+def test_merge_of_a_real_conflict_raises_and_changes_nothing(db, mine,
+                                                             theirs):
+    """'merge': a value (or list) changed differently on both sides, or
+    removed on one and changed on the other, stays in FlushError; neither
+    the session's document nor the server's changes."""
+    put(db, 'a', v=0, tags=['x'], nested={'p': 0})
+    S = Session(db)
+    S['a'].update(mine)
+    S['a']['other'] = 'mine'
+    mine_before = dict(S['a'])
+    server_before = change(db, 'a', **theirs)
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert dict(S['a']) == mine_before and S.dirty == [S['a']]
+    assert dict(db['a']) == dict(server_before)
+
+
+def test_merge_keeps_merged_documents_apart_from_real_conflicts(db):
+    """'merge': in one flush, mergeable documents are written and real
+    conflicts reported; the other documents are written as usual."""
+    for id in 'abc':
+        put(db, id, v=0, w=0)
+    S = Session(db)
+    for id in 'abc':
+        S[id]['v'] = 'mine'
+    change(db, 'a', w='theirs')
+    change(db, 'b', v='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert list(caught.value.failures) == ['b']
+    assert content(db, 'a') == {'v': 'mine', 'w': 'theirs'}
+    assert content(db, 'b') == {'v': 'theirs', 'w': 0}
+    assert content(db, 'c') == {'v': 'mine', 'w': 0}
+    assert [generation(db, id) for id in 'abc'] == [3, 2, 2]
+    assert S.dirty == [S['b']] and S['b']['v'] == 'mine'
+
+
+def test_merge_of_a_create_with_their_create_uses_the_empty_base(db):
+    """'merge': a document created in the session merges with one created
+    concurrently under the same id, key by key."""
+    S = Session(db)
+    S.create({'_id': 'n', 'mine': 1, 'both': 'same'})
+    put(db, 'n', theirs=1, both='same')
+    S.flush(on_conflict='merge')
+    assert content(db, 'n') == {'mine': 1, 'theirs': 1, 'both': 'same'}
+    assert generation(db, 'n') == 2 and S['n'].rev == db['n'].rev
+
+
+def test_merge_of_creates_with_different_values_conflicts(db):
+    """'merge': two creates giving one key different values conflict."""
+    S = Session(db)
+    S.create({'_id': 'n', 'v': 'mine'})
+    put(db, 'n', v='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert isinstance(caught.value.failures['n'], couchdb.ResourceConflict)
+    assert content(db, 'n') == {'v': 'theirs'} and S.new == [S['n']]
+
+
+def test_merge_of_a_deletion_against_a_change_conflicts(db):
+    """'merge': a deletion on one side against a change on the other is a
+    real conflict, whichever side deleted."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    S.delete(S['a'])
+    change(db, 'a', v='theirs')
+    S['b']['v'] = 'mine'
+    db.delete(db['b'])
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert sorted(caught.value.failures) == ['a', 'b']
+    assert content(db, 'a') == {'v': 'theirs'} and 'b' not in db
+    assert [d['_id'] for d in S.deleted] == ['a'] and S['b']['v'] == 'mine'
+
+
+def test_session_default_on_conflict_and_per_call_override(db):
+    """Session(db, on_conflict='merge') merges by default; flush(
+    on_conflict='raise') overrides it for one call."""
+    put(db, 'a', v=0, w=0)
+    S = Session(db, on_conflict='merge')
+    S['a']['v'] = 'mine'
+    change(db, 'a', w='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='raise')
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert content(db, 'a') == {'v': 0, 'w': 'theirs'}
+    S.flush()
+    assert content(db, 'a') == {'v': 'mine', 'w': 'theirs'}
+    assert generation(db, 'a') == 3 and S['a'].rev == db['a'].rev
+
+
+def test_unknown_on_conflict_is_refused(db):
+    """An on_conflict that is not a policy or a function is a ValueError."""
+    with pytest.raises(ValueError):
+        Session(db, on_conflict='ignore')
+    S = Session(db)
+    S.create({'v': 1})
+    with pytest.raises(ValueError):
+        S.flush(on_conflict='newest')
+    assert len(S.new) == 1 and user_docs(db) == []
+
+
+# -- Failures: conflicts, a resolver function ---------------------------------
+
+def test_resolver_gets_plain_copies_and_its_document_is_written(db):
+    """A callable resolve(mine, theirs, base) sees the three versions and
+    returns the document to write, on the server's revision."""
+    put(db, 'counter', n=10)
+    S = Session(db)
+    S['counter']['n'] += 5
+    change(db, 'counter', n=12)
+    seen = []
+
+    def resolve(mine, theirs, base):
+        seen.append((mine, theirs, base))
+        assert type(mine) is dict and type(theirs) is dict
+        return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
+
+    S.flush(on_conflict=resolve)
+    [(mine, theirs, base)] = seen
+    assert (mine['n'], theirs['n'], base['n']) == (15, 12, 10)
+    assert content(db, 'counter') == {'n': 17}
+    assert generation(db, 'counter') == 3
+    assert S['counter']['n'] == 17 and S['counter'].rev == db['counter'].rev
+
+
+def test_resolver_returning_none_leaves_the_conflict_pending(db):
+    """A resolver returning None leaves that document pending, reported in
+    FlushError, and the server's version untouched."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    S['a']['v'] = 'mine'
+    S['b']['v'] = 'mine'
+    change(db, 'a', v='theirs')
+    change(db, 'b', v='theirs')
+
+    def resolve(mine, theirs, base):
+        return dict(mine, v='resolved') if mine['_id'] == 'b' else None
+
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict=resolve)
+    assert list(caught.value.failures) == ['a']
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert content(db, 'a') == {'v': 'theirs'} and S['a']['v'] == 'mine'
+    assert content(db, 'b') == {'v': 'resolved'} and S.dirty == [S['a']]
+
+
+def test_resolver_gets_none_for_a_deleted_side(db):
+    """mine is None for a deletion in the session, theirs for one on the
+    server."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    S.delete(S['a'])
+    change(db, 'a', v='theirs')
+    S['b']['v'] = 'mine'
+    db.delete(db['b'])
+    seen = {}
+
+    def resolve(mine, theirs, base):
+        seen[base['_id']] = (mine, theirs)
+        return theirs if mine is None else mine
+
+    S.flush(on_conflict=resolve)
+    assert seen['a'][0] is None and seen['a'][1]['v'] == 'theirs'
+    assert seen['b'][1] is None and seen['b'][0]['v'] == 'mine'
+    assert content(db, 'a') == {'v': 'theirs'}
+    assert content(db, 'b') == {'v': 'mine'}
+
+
+@pytest.mark.parametrize('policy', ['merge', 'overwrite'])
+@pytest.mark.parametrize('conflicted', [1, 5])
+def test_resolution_costs_one_read_and_one_write_for_all(db, wire, policy,
+                                                          conflicted):
+    """However many documents conflict, resolving them costs one more read
+    and one more bulk write."""
+    for n in range(8):
+        put(db, 'd%d' % n, v=0, w=0)
+    S = Session(db)
+    for n in range(8):
+        S['d%d' % n]['v'] = 'mine'
+    for n in range(conflicted):
+        change(db, 'd%d' % n, w='theirs')
+    wire.clear()
+    S.flush(on_conflict=policy)
+    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_all_docs'),
+                            ('POST', '_bulk_docs')]
+    assert len(wire.bulk_ids()[1]) == conflicted
+    for n in range(8):
+        expected = 'theirs' if n < conflicted and policy == 'merge' else 0
+        assert content(db, 'd%d' % n) == {'v': 'mine', 'w': expected}
+        assert generation(db, 'd%d' % n) == (3 if n < conflicted else 2)
+
+
+def test_resolution_retries_when_the_server_moves_again(db):
+    """If the server moves again while the session resolves, flush reads
+    and resolves again."""
+    put(db, 'a', n=0)
+    S = Session(db)
+    S['a']['n'] += 5
+    change(db, 'a', n=1)
+    calls = []
+
+    def resolve(mine, theirs, base):
+        calls.append(theirs['n'])
+        if len(calls) == 1:
+            change(db, 'a', n=theirs['n'] + 1)      # someone else, again
+        return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
+
+    S.flush(on_conflict=resolve)
+    assert calls == [1, 2]
+    assert content(db, 'a') == {'n': 7} and generation(db, 'a') == 4
+
+
+def test_resolution_gives_up_after_a_bounded_number_of_rounds(db, wire):
+    """A server that keeps moving ends the flush with a FlushError, after a
+    bounded number of requests; the change stays pending."""
+    put(db, 'a', n=0)
+    S = Session(db)
+    S['a']['n'] = 'mine'
+    change(db, 'a', n=1)
+
+    def resolve(mine, theirs, base):
+        change(db, 'a', n=theirs['n'] + 1)
+        return mine
+
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict=resolve)
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert len(wire) < 100 and S['a']['n'] == 'mine'
+
+
+# -- Failures: connection failures --------------------------------------------
+
+def two_documents(db):
+    """Documents 'a' and 'b' on the server, at revision 1."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+
+
+def start_work(S):
+    """Change 'a', delete 'b' and create 'n' in the session ``S``."""
+    S['a']['v'] = 1
+    S.delete(S['b'])
+    S.create({'_id': 'n', 'v': 1})
+
+
+def assert_work_done_once(db, S):
+    """The server holds the intended documents, each written once, and
+    the session has nothing left to do."""
+    assert user_docs(db) == ['a', 'n']
+    assert content(db, 'a') == {'v': 1} and generation(db, 'a') == 2
+    assert content(db, 'n') == {'v': 1} and generation(db, 'n') == 1
+    assert S['a'].rev == db['a'].rev and S['n'].rev == db['n'].rev
+    assert not S.has_changes() and S.flush() == []
+
+
+def assert_nothing_written(db):
+    assert user_docs(db) == ['a', 'b']
+    assert generation(db, 'a') == 1 and content(db, 'a') == {'v': 0}
+
+
+def test_forwarder_passes_keep_alive_requests_and_attachments(
+        db, remote, forwarder):
+    """In 'pass' mode the forwarder is transparent, reusing connections,
+    and counts what reached the server."""
+    for n in range(3):
+        remote.save({'_id': 'd%d' % n})
+    doc = remote['d0']
+    remote.put_attachment(doc, b'x' * 50000, 'blob.bin')
+    with open(__file__, 'rb') as chunked:          # a file: sent chunked
+        remote.put_attachment(remote['d1'], chunked, 'me.py', 'text/plain')
+        chunked.seek(0)
+        this_file = chunked.read()
+    assert remote.get_attachment('d0', 'blob.bin').read() == b'x' * 50000
+    assert db.get_attachment('d1', 'me.py').read() == this_file
+    assert sum(forwarder.received.values()) == \
+        sum(forwarder.forwarded.values()) == 8
+    assert forwarder.forwarded['PUT', '/%s/d0' % db.name] == 1
+    assert forwarder.connections == 1
+
+
+def test_refused_connection_raises_and_loses_nothing(db, remote, forwarder):
+    """With the server unreachable, flush raises ConnectionRefusedError;
+    the next flush, once it is back, writes everything once."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.mode = 'refuse'
+    with pytest.raises(ConnectionRefusedError):
+        S.flush()
+    assert_nothing_written(db)
+    forwarder.mode = 'pass'
+    S.flush()
+    assert_work_done_once(db, S)
+
+
+def test_connection_cut_before_the_request_raises_and_loses_nothing(
+        db, remote, forwarder):
+    """A connection closed before the request reached the server (twice,
+    so python-couchdb's retry fails too) raises ECONNRESET; the next
+    flush writes everything once."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError) as caught:
+        S.flush()
+    assert is_connection_reset(caught.value)
+    assert bulk_posts(forwarder) == 0
+    assert_nothing_written(db)
+    S.flush()
+    assert_work_done_once(db, S)
+    assert bulk_posts(forwarder) == 1
+
+
+def test_connection_reset_raises_connection_reset_error(db, remote,
+                                                        forwarder):
+    """A TCP reset (twice) raises ConnectionResetError; nothing is lost."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('reset', when=is_bulk_docs, times=2)
+    with pytest.raises(ConnectionResetError):
+        S.flush()
+    assert_nothing_written(db)
+    S.flush()
+    assert_work_done_once(db, S)
+
+
+def test_one_cut_connection_is_retried_by_python_couchdb(db, remote,
+                                                         forwarder):
+    """A single cut connection is retried by python-couchdb: the flush
+    succeeds, with one bulk request reaching the server."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('cut_before', when=is_bulk_docs, times=1)
+    S.flush()
+    assert forwarder.pending_rules == 0 and bulk_posts(forwarder) == 1
+    assert_work_done_once(db, S)
+
+
+def test_timeout_before_the_request_raises_and_loses_nothing(
+        db, forwarder, server_url):
+    """A server that does not answer in time raises the socket's timeout;
+    the next flush writes everything once."""
+    two_documents(db)
+    S = Session(through(forwarder, db, server_url, timeout=0.5))
+    start_work(S)
+    forwarder.fail('stall', when=is_bulk_docs, times=1)
+    with pytest.raises(TimeoutError):
+        S.flush()
+    assert_nothing_written(db)
+    S.flush()
+    assert_work_done_once(db, S)
+
+
+def test_lost_answer_retried_by_python_couchdb_is_recognised(
+        db, remote, forwarder):
+    """The answer of the bulk request is lost and python-couchdb sends it
+    again: the session recognises its own writes; no FlushError."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=1)
+    results = S.flush()
+    assert sorted((ok, id) for ok, id, _ in results) == [
+        (True, 'a'), (True, 'b'), (True, 'n')]
+    assert bulk_posts(forwarder) == 2
+    assert_work_done_once(db, S)
+
+
+def test_lost_answer_then_a_second_flush_writes_nothing_twice(
+        db, remote, forwarder):
+    """Both answers lost: flush raises ECONNRESET, though the server
+    applied the request; the next flush recognises the writes."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError) as caught:
+        S.flush()
+    assert is_connection_reset(caught.value)
+    assert user_docs(db) == ['a', 'n'] and generation(db, 'a') == 2
+    S.flush()
+    assert_work_done_once(db, S)
+
+
+def test_lost_answer_after_a_timeout_is_recognised(db, forwarder,
+                                                   server_url):
+    """The server applies the request but answers too late (a timeout,
+    which python-couchdb does not retry): the next flush recognises it."""
+    two_documents(db)
+    S = Session(through(forwarder, db, server_url, timeout=0.5))
+    start_work(S)
+    forwarder.fail('stall_answer', when=is_bulk_docs, times=1)
+    with pytest.raises(TimeoutError):
+        S.flush()
+    assert generation(db, 'a') == 2
+    S.flush()
+    assert_work_done_once(db, S)
+
+
+@pytest.mark.parametrize('lost', [1, 2])
+def test_lost_answer_of_a_create_with_a_generated_id(db, remote, forwarder,
+                                                     lost):
+    """A created document (generated id) whose create reached the server
+    is recognised: one document, at revision 1."""
+    S = Session(remote)
+    id = S.create({'v': 1})
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=lost)
+    if lost == 2:
+        with pytest.raises(OSError):
+            S.flush()
+    S.flush()
+    assert user_docs(db) == [id]
+    assert content(db, id) == {'v': 1} and generation(db, id) == 1
+    assert S[id].rev == db[id].rev and S.new == [] and S.flush() == []
+
+
+def test_changes_made_after_a_lost_answer_are_written_over_it(
+        db, remote, forwarder):
+    """After a lost answer, further changes are written on top of the
+    session's own write, without a conflict."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    S['a']['v'] = 2
+    S['n']['v'] = 2
+    S.flush()
+    assert user_docs(db) == ['a', 'n']
+    assert content(db, 'a') == {'v': 2} and generation(db, 'a') == 3
+    assert content(db, 'n') == {'v': 2} and generation(db, 'n') == 2
+    assert S['a'].rev == db['a'].rev and S.flush() == []
+
+
+def test_lost_answer_beside_a_refused_document(db, validated, remote,
+                                               forwarder):
+    """A lost answer of a request with a refused document: the retry
+    reports only the refused one; the others are written once."""
+    two_documents(db)
+    S = Session(remote)
+    start_work(S)
+    S.create({'_id': 'f', 'forbidden': True})
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['f']
+    assert isinstance(caught.value.failures['f'], couchdb.Forbidden)
+    del S['f']
+    assert_work_done_once(db, S)
+
+
+def test_lost_answer_of_the_resolution_write_is_recognised(
+        db, remote, forwarder):
+    """The answer of the bulk request writing merged documents is lost:
+    the merged documents are recognised as written."""
+    put(db, 'a', v=0, w=0)
+    S = Session(remote)
+    S['a']['v'] = 'mine'
+    change(db, 'a', w='theirs')
+    bulk = itertools.count()
+    forwarder.fail('drop_answer', times=1, when=lambda method, path:
+                   is_bulk_docs(method, path) and next(bulk) == 1)
+    S.flush(on_conflict='merge')
+    assert forwarder.pending_rules == 0
+    assert content(db, 'a') == {'v': 'mine', 'w': 'theirs'}
+    assert generation(db, 'a') == 3 and S['a'].rev == db['a'].rev
+
+
+def test_connection_failure_while_resolving_loses_nothing(
+        db, remote, forwarder):
+    """A connection failure while reading the server's versions of
+    conflicted documents raises; what was written stays written and the
+    next flush resolves the rest."""
+    put(db, 'a', v=0, w=0)
+    put(db, 'b', v=0, w=0)
+    S = Session(remote, on_conflict='merge')
+    S['a']['v'] = 'mine'
+    S['b']['v'] = 'mine'
+    change(db, 'b', w='theirs')
+    forwarder.fail('cut_before', times=2, when=lambda method, path:
+                   path.endswith('/_all_docs'))
+    with pytest.raises(OSError):
+        S.flush()
+    assert content(db, 'a') == {'v': 'mine', 'w': 0}
+    assert content(db, 'b') == {'v': 0, 'w': 'theirs'}
+    S.flush()
+    assert content(db, 'b') == {'v': 'mine', 'w': 'theirs'}
+    assert generation(db, 'a') == 2 and generation(db, 'b') == 3
+    assert not S.has_changes()
+
+
+def test_lost_answer_of_a_deletion_by_id_is_recognised(db, remote,
+                                                       forwarder):
+    """A deletion by id (revision looked up at flush time) whose answer is
+    lost is done: the next flush reports no missing document."""
+    two_documents(db)
+    S = Session(remote)
+    del S['b']
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert user_docs(db) == ['a']
+    S.flush()
+    assert user_docs(db) == ['a'] and generation(db, 'a') == 1
+    assert S.deleted == [] and not S.has_changes()
+
+
+# -- Attachments --------------------------------------------------------------
+#
+# `put_attachment` and `delete_attachment` are queued until `flush()`; small
+# attachments travel inline (base64) in the ``_bulk_docs`` request of their
+# document, large ones are uploaded after it with a ``PUT`` each. The server's
+# state is always checked with plain python-couchdb on the `db` fixture.
+# `wire` and `put` are those at the top of the file; `VALIDATE`, `validated`,
+# `change`, `generation`, `forwarder`, `remote` and `forwarded` those of the
+# failures section.
+
+#: Every byte value, both ways round.
+ALL_BYTES = bytes(range(256)) + bytes(reversed(range(256)))
+
+#: 5 MiB of incompressible content, for uploads that must stream.
+BIG = random.Random(5).randbytes(5 * 1024 * 1024)
+
+#: A small inline limit for tests that want cheap "large" attachments.
+LIMIT = 100
+SMALL = b'small content ' * 3               # 42 bytes: inline under LIMIT
+LARGE = ALL_BYTES * 2                       # 1024 bytes: PUT under LIMIT
+SIZES = {'small': SMALL, 'large': LARGE}
+
+_MISSING = object()
+
+
+# -- Attachments: fixtures and helpers ----------------------------------------
+
+def put_with_attachments(db, id, attachments, **content):
+    """Write a document with attachments straight to the server, with plain
+    python-couchdb (one PUT per attachment)."""
+    doc = put(db, id, **content)
+    for filename, data in attachments.items():
+        db.put_attachment(doc, data, filename)
+    return db[id]
+
+
+def fields(db, id):
+    """The server's document without ``_id``, ``_rev`` and ``_attachments``."""
+    return dict((k, v) for k, v in db[id].items()
+                if k not in ('_id', '_rev', '_attachments'))
+
+
+def stubs(db, id):
+    """The server's attachment stubs of ``id``: ``{filename: stub}``."""
+    return dict(db[id].get('_attachments') or {})
+
+
+def on_server(db, id, filename):
+    """An attachment's content read with plain python-couchdb (which gives
+    ``None`` for an empty body), or ``None`` if there is no such attachment."""
+    data = db.get_attachment(id, filename, _MISSING)
+    if data is _MISSING:
+        return None
+    return b'' if data is None else data.read()
+
+
+def read_back(db, id, filename):
+    """An attachment's content read by a new Session and by plain
+    python-couchdb; they must agree."""
+    fresh = Session(db).get_attachment(id, filename, _MISSING)
+    assert fresh is not _MISSING, 'a new session finds no %r' % filename
+    content = fresh.read()
+    assert on_server(db, id, filename) == content
+    return content
+
+
+def guessed_type(filename):
+    """The content type python-couchdb's put_attachment guesses."""
+    return ';'.join(filter(None, mimetypes.guess_type(filename)))
+
+
+def assert_stub(stub, content, content_type):
+    assert stub.get('content_type') == content_type
+    assert stub.get('length') == len(content)
+    assert 'data' not in stub
+
+
+# -- Attachments: round trips -------------------------------------------------
+
+def test_text_content_round_trips_as_utf8(db):
+    """A str attachment is stored as its UTF-8 bytes, typed from the name."""
+    text = 'Grüße, 世界 ✓\nline two\n'
+    S = Session(db)
+    doc_id = S.create({'type': 'note'})
+    S.put_attachment(doc_id, text, 'note.txt')
+    S.flush()
+    assert read_back(db, doc_id, 'note.txt') == text.encode('utf-8')
+    assert_stub(stubs(db, doc_id)['note.txt'], text.encode('utf-8'),
+                'text/plain')
+
+
+def test_binary_content_with_every_byte_value_round_trips(db):
+    """Bytes with all 256 values come back exactly."""
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, ALL_BYTES, 'all.bin', 'application/x-test')
+    S.flush()
+    assert read_back(db, doc_id, 'all.bin') == ALL_BYTES
+    assert_stub(stubs(db, doc_id)['all.bin'], ALL_BYTES, 'application/x-test')
+
+
+def test_empty_content_reads_back_as_empty_not_missing(db):
+    """An empty attachment exists, with length 0, and reads as b''."""
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, b'', 'empty.txt')
+    S.flush()
+    assert read_back(db, doc_id, 'empty.txt') == b''
+    assert_stub(stubs(db, doc_id)['empty.txt'], b'', 'text/plain')
+
+
+def test_five_megabytes_from_bytesio_round_trip(db):
+    """A 5 MB io.BytesIO is uploaded and reads back byte for byte."""
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, io.BytesIO(BIG), 'big.bin')
+    S.flush()
+    assert read_back(db, doc_id, 'big.bin') == BIG
+    assert_stub(stubs(db, doc_id)['big.bin'], BIG, guessed_type('big.bin'))
+
+
+def test_five_megabytes_from_a_real_file_round_trip(db, tmp_path):
+    """A 5 MB real file opened 'rb' round-trips under its own name."""
+    path = tmp_path / 'archive.tar'
+    path.write_bytes(BIG)
+    S = Session(db)
+    doc_id = S.create({})
+    with open(str(path), 'rb') as content:
+        S.put_attachment(doc_id, content)
+        S.flush()
+    assert read_back(db, doc_id, 'archive.tar') == BIG
+    assert_stub(stubs(db, doc_id)['archive.tar'], BIG,
+                guessed_type('archive.tar'))
+
+
+def test_file_content_is_read_from_where_the_file_stood(db):
+    """A file-like object positioned past its start gives the rest only."""
+    content = io.BytesIO(b'HEADER' + ALL_BYTES)
+    content.read(6)
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, content, 'rest.bin')
+    S.flush()
+    assert read_back(db, doc_id, 'rest.bin') == ALL_BYTES
+
+
+ODD_NAMES = ['résumé ✓.txt', '日本語.bin', 'with spaces in it.txt',
+             'dir/sub dir/file.txt']
+
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+@pytest.mark.parametrize('filename', ODD_NAMES)
+def test_unicode_spaces_and_slashes_in_filenames_round_trip(db, filename,
+                                                            size):
+    """Odd filenames work both inline and as an uploaded attachment."""
+    content = SIZES[size]
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, content, filename)
+    S.flush()
+    assert sorted(stubs(db, doc_id)) == [filename]
+    assert read_back(db, doc_id, filename) == content
+    assert S[doc_id]['_attachments'][filename]['length'] == len(content)
+
+
+@pytest.mark.parametrize('filename', ['a.txt', 'a.json', 'a.tar.gz',
+                                      'a.png'])
+def test_content_type_is_guessed_from_the_filename(db, filename):
+    """Without content_type, the type is guessed as python-couchdb does."""
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, b'x', filename)
+    S.flush()
+    assert stubs(db, doc_id)[filename]['content_type'] == \
+        guessed_type(filename)
+
+
+def test_text_stream_round_trips_as_utf8(db):
+    """A text file-like object (io.StringIO) is stored as UTF-8."""
+    S = Session(db)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, io.StringIO('ünïcode'), 'u.txt')
+    S.flush()
+    assert read_back(db, doc_id, 'u.txt') == 'ünïcode'.encode('utf-8')
+
+
+class Stream(object):
+    """A file-like object that can only be read, once, in pieces."""
+
+    def __init__(self, data):
+        self._data = io.BytesIO(data)
+
+    def read(self, size=-1):
+        return self._data.read(min(size, 4096) if size and size > 0
+                               else 4096)
+
+
+def test_non_seekable_stream_is_kept_until_flush(db):
+    """A stream that cannot seek is kept whole until the flush uploads it."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, Stream(BIG), 'big.bin')
+    assert S.get_attachment(doc_id, 'big.bin').read() == BIG
+    S.flush()
+    assert read_back(db, doc_id, 'big.bin') == BIG
+
+
+def test_put_attachment_on_a_document_deleted_here_raises(db):
+    """ResourceNotFound at the call; nothing queued for the attachment."""
+    put(db, 'a')
+    S = Session(db)
+    del S['a']
+    with pytest.raises(couchdb.ResourceNotFound):
+        S.put_attachment('a', b'x', 'x.txt')
+
+
+def test_put_attachment_without_filename_needs_a_named_file(db):
+    """Bytes without a filename are refused at the call (ValueError)."""
+    S = Session(db)
+    doc_id = S.create({})
+    with pytest.raises(ValueError):
+        S.put_attachment(doc_id, b'data')
+
+
+# -- Attachments: requests ----------------------------------------------------
+
+def test_put_and_delete_attachment_send_nothing_before_flush(db, wire):
+    """Both are queued: no request until flush."""
+    put_with_attachments(db, 'a', {'old.txt': b'old'})
+    S = Session(db)
+    doc = S['a']
+    wire.clear()
+    S.put_attachment(doc, b'new', 'new.txt')
+    S.put_attachment(doc, io.BytesIO(BIG), 'big.bin')
+    S.delete_attachment(doc, 'old.txt')
+    assert wire.calls() == []
+    assert sorted(stubs(db, 'a')) == ['old.txt']
+
+
+def test_new_document_with_two_small_attachments_is_one_bulk_request(db,
+                                                                     wire):
+    """A new document and two small attachments: one base64 bulk request."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n', 'v': 1})
+    S.put_attachment(doc_id, b'first', 'one.txt')
+    S.put_attachment(doc_id, ALL_BYTES, 'two.bin', 'application/x-test')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sent['_attachments'] == {
+        'one.txt': {'content_type': 'text/plain',
+                    'data': base64.b64encode(b'first').decode('ascii')},
+        'two.bin': {'content_type': 'application/x-test',
+                    'data': base64.b64encode(ALL_BYTES).decode('ascii')}}
+    assert generation(db, 'n') == 1 and fields(db, 'n') == {'v': 1}
+    assert on_server(db, 'n', 'one.txt') == b'first'
+    assert on_server(db, 'n', 'two.bin') == ALL_BYTES
+
+
+def test_session_document_holds_the_new_rev_and_stubs_after_flush(db):
+    """After flush the session's document has the final _rev and stubs."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({})
+    S.put_attachment(doc_id, SMALL, 'small.txt')
+    S.put_attachment(doc_id, LARGE, 'large.bin')
+    S.flush()
+    doc = S[doc_id]
+    assert doc['_rev'] == db[doc_id].rev
+    assert sorted(doc['_attachments']) == ['large.bin', 'small.txt']
+    assert_stub(doc['_attachments']['small.txt'], SMALL, 'text/plain')
+    assert_stub(doc['_attachments']['large.bin'], LARGE,
+                guessed_type('large.bin'))
+    assert S.dirty == [] and S.new == [] and not S.has_changes()
+
+
+def test_large_attachment_is_the_bulk_request_plus_one_streamed_put(db, wire):
+    """A 5 MB attachment: the bulk request, then one streamed PUT."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n', 'v': 1})
+    content = io.BytesIO(BIG)
+    S.put_attachment(doc_id, content, 'big.bin')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs'), ('PUT', 'n/big.bin')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert '_attachments' not in sent
+    [(_, body)] = wire.puts()
+    assert body is content                  # streamed, not read into memory
+    assert generation(db, 'n') == 2
+    assert S['n']['_rev'] == db['n'].rev
+    assert_stub(S['n']['_attachments']['big.bin'], BIG,
+                guessed_type('big.bin'))
+    assert on_server(db, 'n', 'big.bin') == BIG
+
+
+def test_small_and_large_attachments_together(db, wire):
+    """Small ones ride in the bulk request, each large one gets a PUT."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, SMALL, 'a.txt')
+    S.put_attachment(doc_id, LARGE, 'b.bin')
+    S.put_attachment(doc_id, LARGE[::-1], 'c.bin')
+    wire.clear()
+    S.flush()
+    assert sorted(wire.calls()) == [('POST', '_bulk_docs'),
+                                    ('PUT', 'n/b.bin'), ('PUT', 'n/c.bin')]
+    assert wire.calls()[0] == ('POST', '_bulk_docs')
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['a.txt']
+    assert generation(db, 'n') == 3
+    assert S['n']['_rev'] == db['n'].rev
+    assert on_server(db, 'n', 'a.txt') == SMALL
+    assert on_server(db, 'n', 'b.bin') == LARGE
+    assert on_server(db, 'n', 'c.bin') == LARGE[::-1]
+
+
+def test_inline_limit_is_inclusive(db, wire):
+    """max_inline_attachment bytes go inline; one byte more is a PUT."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, b'x' * LIMIT, 'at.bin')
+    S.put_attachment(doc_id, b'y' * (LIMIT + 1), 'over.bin')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs'), ('PUT', 'n/over.bin')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['at.bin']
+
+
+def test_default_inline_limit_is_64_kib(db, wire):
+    """By default 64 KiB go inline and 64 KiB + 1 byte are uploaded."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, b'x' * 65536, 'at.bin')
+    S.put_attachment(doc_id, b'y' * 65537, 'over.bin')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs'), ('PUT', 'n/over.bin')]
+    assert on_server(db, 'n', 'at.bin') == b'x' * 65536
+    assert on_server(db, 'n', 'over.bin') == b'y' * 65537
+
+
+def test_large_attachment_alone_on_a_fetched_document_is_one_put(db, wire):
+    """Nothing else to write: the flush is the PUT only."""
+    put(db, 'a', v=0)
+    S = Session(db, max_inline_attachment=LIMIT)
+    S.put_attachment(S['a'], LARGE, 'big.bin')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('PUT', 'a/big.bin')]
+    assert S['a']['_rev'] == db['a'].rev and generation(db, 'a') == 2
+    assert on_server(db, 'a', 'big.bin') == LARGE and fields(db, 'a') == {
+        'v': 0}
+
+
+def test_put_attachment_by_id_fetches_the_document_once(db, wire):
+    """An id the session does not hold is fetched (one GET), then queued."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    wire.clear()
+    S.put_attachment('a', b'hello', 'hello.txt')
+    assert wire.calls() == [('GET', 'a')]
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    assert on_server(db, 'a', 'hello.txt') == b'hello'
+
+
+def test_editing_a_field_sends_stubs_only_and_keeps_the_attachments(db,
+                                                                   wire):
+    """Changing a field sends stubs, never data; the attachments stay."""
+    put_with_attachments(db, 'a', {'one.txt': b'one', 'two.bin': ALL_BYTES},
+                         v=0)
+    S = Session(db)
+    S['a']['v'] = 1
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['one.txt', 'two.bin']
+    for stub in sent['_attachments'].values():
+        assert stub.get('stub') is True and 'data' not in stub
+    assert fields(db, 'a') == {'v': 1}
+    assert on_server(db, 'a', 'one.txt') == b'one'
+    assert on_server(db, 'a', 'two.bin') == ALL_BYTES
+
+
+def test_editing_after_flushing_attachments_sends_stubs_only(db, wire):
+    """A change after flushing attachments in the same session keeps them."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({'_id': 'n', 'v': 0})
+    S.put_attachment(doc_id, SMALL, 'small.txt')
+    S.put_attachment(doc_id, LARGE, 'large.bin')
+    S.flush()
+    S['n']['v'] = 1
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['large.bin', 'small.txt']
+    for stub in sent['_attachments'].values():
+        assert 'data' not in stub
+    assert fields(db, 'n') == {'v': 1}
+    assert on_server(db, 'n', 'small.txt') == SMALL
+    assert on_server(db, 'n', 'large.bin') == LARGE
+
+
+def test_deleting_an_attachment_flushed_in_the_same_session(db, wire):
+    """An attachment flushed earlier in the session can be deleted later."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, b'a', 'a.txt')
+    S.put_attachment(doc_id, b'b', 'b.txt')
+    S.flush()
+    S.delete_attachment(doc_id, 'a.txt')
+    S.flush()
+    assert sorted(stubs(db, 'n')) == ['b.txt']
+    assert on_server(db, 'n', 'b.txt') == b'b'
+
+
+def test_adding_an_attachment_keeps_the_existing_ones(db, wire):
+    """A new small attachment goes inline; existing ones go as stubs."""
+    put_with_attachments(db, 'a', {'old.txt': b'old'})
+    S = Session(db)
+    S.put_attachment(S['a'], b'new', 'new.txt')
+    wire.clear()
+    S.flush()
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert 'data' not in sent['_attachments']['old.txt']
+    assert 'data' in sent['_attachments']['new.txt']
+    assert on_server(db, 'a', 'old.txt') == b'old'
+    assert on_server(db, 'a', 'new.txt') == b'new'
+
+
+def test_replacing_an_attachment_writes_the_new_content(db):
+    """Putting an existing filename again replaces its content and type."""
+    put_with_attachments(db, 'a', {'f.txt': b'old'})
+    S = Session(db)
+    S.put_attachment(S['a'], b'{"new": 1}', 'f.txt', 'application/json')
+    S.flush()
+    assert read_back(db, 'a', 'f.txt') == b'{"new": 1}'
+    assert_stub(stubs(db, 'a')['f.txt'], b'{"new": 1}', 'application/json')
+
+
+# -- Attachments: deleting ----------------------------------------------------
+
+def test_put_then_delete_before_flush_sends_nothing(db, wire):
+    """A put taken back before flush, nothing else changed: no request."""
+    put(db, 'a', v=0)
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc = S['a']
+    S.put_attachment(doc, SMALL, 'small.txt')
+    S.put_attachment(doc, LARGE, 'large.bin')
+    S.delete_attachment(doc, 'small.txt')
+    S.delete_attachment(doc, 'large.bin')
+    wire.clear()
+    assert S.flush() == []
+    assert wire.calls() == []
+    assert stubs(db, 'a') == {} and generation(db, 'a') == 1
+
+
+def test_put_then_delete_leaves_has_changes_false(db):
+    """has_changes() is False and dirty empty once a put is taken back."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    doc = S['a']
+    S.put_attachment(doc, b'x', 'x.txt')
+    S.delete_attachment(doc, 'x.txt')
+    assert not S.has_changes()
+    assert S.dirty == []
+
+
+def test_put_then_delete_on_a_changed_document_sends_only_the_change(db,
+                                                                     wire):
+    """The field change is written; the attachment taken back is not."""
+    put(db, 'a', v=0)
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc = S['a']
+    doc['v'] = 1
+    S.put_attachment(doc, SMALL, 'small.txt')
+    S.put_attachment(doc, LARGE, 'large.bin')
+    S.delete_attachment(doc, 'small.txt')
+    S.delete_attachment(doc, 'large.bin')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert not sent.get('_attachments')
+    assert fields(db, 'a') == {'v': 1} and stubs(db, 'a') == {}
+
+
+def test_put_then_delete_on_a_new_document_creates_it_without(db, wire):
+    """A new document keeps only the attachments not taken back."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, b'keep', 'keep.txt')
+    S.put_attachment(doc_id, b'drop', 'drop.txt')
+    S.delete_attachment(doc_id, 'drop.txt')
+    wire.clear()
+    S.flush()
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['keep.txt']
+    assert sorted(stubs(db, 'n')) == ['keep.txt']
+
+
+def test_deleting_a_missing_attachment_raises_at_the_call(db, wire):
+    """ResourceNotFound at the call, naming document and filename."""
+    put_with_attachments(db, 'a', {'there.txt': b'x'})
+    S = Session(db)
+    doc = S['a']
+    with pytest.raises(couchdb.ResourceNotFound) as caught:
+        S.delete_attachment(doc, 'nope.txt')
+    message = str(caught.value)
+    assert "'a'" in message and 'nope.txt' in message
+    wire.clear()
+    assert S.flush() == [] and wire.calls() == []
+    assert sorted(stubs(db, 'a')) == ['there.txt']
+
+
+def test_deleting_from_a_new_document_without_it_raises(db):
+    """A document created in the session has no attachment but those put."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n'})
+    with pytest.raises(couchdb.ResourceNotFound) as caught:
+        S.delete_attachment(doc_id, 'nope.txt')
+    assert "'n'" in str(caught.value) and 'nope.txt' in str(caught.value)
+
+
+def test_deleting_an_attachment_twice_raises(db):
+    """The second delete finds nothing left to delete."""
+    put_with_attachments(db, 'a', {'f.txt': b'x'})
+    S = Session(db)
+    S.delete_attachment(S['a'], 'f.txt')
+    with pytest.raises(couchdb.ResourceNotFound):
+        S.delete_attachment(S['a'], 'f.txt')
+
+
+def test_deleting_an_existing_attachment_removes_only_that_one(db, wire):
+    """One bulk request; the other attachment goes as a stub and stays."""
+    put_with_attachments(db, 'a', {'gone.txt': b'gone', 'kept.bin': ALL_BYTES},
+                         v=0)
+    S = Session(db)
+    doc = S['a']
+    S.delete_attachment(doc, 'gone.txt')
+    wire.clear()
+    S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    [sent] = wire.bulk_bodies()[0]['docs']
+    assert sorted(sent['_attachments']) == ['kept.bin']
+    assert 'data' not in sent['_attachments']['kept.bin']
+    assert sorted(stubs(db, 'a')) == ['kept.bin']
+    assert on_server(db, 'a', 'kept.bin') == ALL_BYTES
+    assert fields(db, 'a') == {'v': 0}
+    assert sorted(doc['_attachments']) == ['kept.bin']
+    assert doc['_rev'] == db['a'].rev
+
+
+def test_deleting_the_last_attachment(db):
+    """The document stays, without attachments, here and on the server."""
+    put_with_attachments(db, 'a', {'only.txt': b'x'}, v=0)
+    S = Session(db)
+    S.delete_attachment(S['a'], 'only.txt')
+    S.flush()
+    assert stubs(db, 'a') == {} and fields(db, 'a') == {'v': 0}
+    assert not S['a'].get('_attachments')
+    assert Session(db).get_attachment('a', 'only.txt') is None
+
+
+def test_delete_and_put_again_replaces_the_content(db):
+    """Delete then put of the same name writes the new content."""
+    put_with_attachments(db, 'a', {'f.txt': b'old'})
+    S = Session(db)
+    S.delete_attachment(S['a'], 'f.txt')
+    S.put_attachment(S['a'], b'new', 'f.txt')
+    S.flush()
+    assert read_back(db, 'a', 'f.txt') == b'new'
+
+
+# -- Attachments: reading -----------------------------------------------------
+
+def test_get_attachment_serves_a_pending_put_without_a_request(db, wire):
+    """Pending puts (small, large, file) are served with no request."""
+    put(db, 'a')
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc = S['a']
+    new_id = S.create({})
+    S.put_attachment(doc, SMALL, 'small.txt')
+    S.put_attachment(doc, LARGE, 'large.bin')
+    S.put_attachment(new_id, io.BytesIO(ALL_BYTES), 'file.bin')
+    wire.clear()
+    assert S.get_attachment(doc, 'small.txt').read() == SMALL
+    assert S.get_attachment('a', 'large.bin').read() == LARGE
+    assert S.get_attachment(new_id, 'file.bin').read() == ALL_BYTES
+    assert S.get_attachment(new_id, 'file.bin').read() == ALL_BYTES
+    assert wire.calls() == []
+
+
+def test_get_attachment_serves_the_pending_replacement_not_the_server(db,
+                                                                     wire):
+    """A put over an existing attachment is what the session reads."""
+    put_with_attachments(db, 'a', {'f.txt': b'server'})
+    S = Session(db)
+    S.put_attachment(S['a'], b'session', 'f.txt')
+    wire.clear()
+    assert S.get_attachment('a', 'f.txt').read() == b'session'
+    assert wire.calls() == []
+
+
+def test_get_attachment_gives_default_for_one_deleted_in_the_session(db,
+                                                                    wire):
+    """No request; the default."""
+    put_with_attachments(db, 'a', {'f.txt': b'x'})
+    S = Session(db)
+    S.delete_attachment(S['a'], 'f.txt')
+    wire.clear()
+    assert S.get_attachment('a', 'f.txt') is None
+    assert S.get_attachment('a', 'f.txt', default=_MISSING) is _MISSING
+    assert wire.calls() == []
+
+
+def test_get_attachment_gives_default_for_a_document_deleted_here(db):
+    """A document deleted in the session has no attachments."""
+    put_with_attachments(db, 'a', {'f.txt': b'x'})
+    S = Session(db)
+    del S['a']
+    assert S.get_attachment('a', 'f.txt', _MISSING) is _MISSING
+
+
+def test_get_attachment_fetches_from_the_server_otherwise(db, wire):
+    """One GET of the attachment; a missing one gives the default."""
+    put_with_attachments(db, 'a', {'f.bin': ALL_BYTES, 'empty.txt': b''})
+    S = Session(db)
+    wire.clear()
+    assert S.get_attachment('a', 'f.bin').read() == ALL_BYTES
+    assert wire.calls() == [('GET', 'a/f.bin')]
+    assert S.get_attachment(S['a'], 'empty.txt').read() == b''
+    assert S.get_attachment('a', 'nope', _MISSING) is _MISSING
+    assert S.get_attachment('nodoc', 'nope', _MISSING) is _MISSING
+
+
+def test_get_attachment_after_flush_reads_the_server(db, wire):
+    """Once flushed, the attachment is no longer held by the session."""
+    S = Session(db)
+    doc_id = S.create({'_id': 'n'})
+    S.put_attachment(doc_id, b'content', 'f.txt')
+    S.flush()
+    wire.clear()
+    assert S.get_attachment(doc_id, 'f.txt').read() == b'content'
+    assert wire.calls() == [('GET', 'n/f.txt')]
+
+
+# -- Attachments: conflicts ---------------------------------------------------
+
+EDITS = ['field and attachment', 'attachment only']
+
+
+def conflicted(db, size, edit):
+    """A session whose document 'a' has a pending attachment (and, for
+    'field and attachment', a changed field) and whose flush with 'raise'
+    met another writer's change: it checks what the FlushError leaves."""
+    put_with_attachments(db, 'a', {'old.txt': b'old'}, v=0)
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc = S['a']
+    if edit == 'field and attachment':
+        doc['mine'] = 1
+    S.put_attachment(doc, SIZES[size], 'f.bin')
+    change(db, 'a', theirs=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert on_server(db, 'a', 'f.bin') is None
+    return S
+
+
+@pytest.mark.parametrize('edit', EDITS)
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_conflict_with_raise_keeps_the_attachment_pending(db, wire, size,
+                                                          edit):
+    """'raise': FlushError; the attachment stays pending and readable."""
+    S = conflicted(db, size, edit)
+    wire.clear()
+    assert S.get_attachment('a', 'f.bin').read() == SIZES[size]
+    assert wire.calls() == []
+    assert S.has_changes()
+
+
+@pytest.mark.parametrize('edit', EDITS)
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_merge_after_a_conflict_writes_the_attachment_with_their_change(
+        db, size, edit):
+    """'merge' writes the attachment beside the other writer's change."""
+    S = conflicted(db, size, edit)
+    S.flush(on_conflict='merge')
+    expected = {'v': 0, 'theirs': 1}
+    if edit == 'field and attachment':
+        expected['mine'] = 1
+    assert fields(db, 'a') == expected
+    assert on_server(db, 'a', 'f.bin') == SIZES[size]
+    assert on_server(db, 'a', 'old.txt') == b'old'
+    assert S['a']['_rev'] == db['a'].rev
+    assert sorted(S['a']['_attachments']) == ['f.bin', 'old.txt']
+    assert not S.has_changes()
+
+
+@pytest.mark.parametrize('edit', EDITS)
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_overwrite_after_a_conflict_writes_the_attachment(db, size, edit):
+    """'overwrite' writes the session's version with the attachment."""
+    S = conflicted(db, size, edit)
+    S.flush(on_conflict='overwrite')
+    expected = {'v': 0}
+    if edit == 'field and attachment':
+        expected['mine'] = 1
+    assert fields(db, 'a') == expected
+    assert on_server(db, 'a', 'f.bin') == SIZES[size]
+    assert on_server(db, 'a', 'old.txt') == b'old'
+    assert S['a']['_rev'] == db['a'].rev
+
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_resolver_function_keeps_the_attachment(db, size):
+    """A resolver function's document gets the session's attachment."""
+    seen = []
+
+    def resolve(mine, theirs, base):
+        seen.append((mine, theirs, base))
+        return dict(theirs, mine=mine['mine'])
+
+    S = conflicted(db, size, 'field and attachment')
+    S.flush(on_conflict=resolve)
+    assert len(seen) == 1
+    assert fields(db, 'a') == {'v': 0, 'mine': 1, 'theirs': 1}
+    assert on_server(db, 'a', 'f.bin') == SIZES[size]
+    assert on_server(db, 'a', 'old.txt') == b'old'
+    assert S['a']['_rev'] == db['a'].rev
+
+
+def test_merge_keeps_a_pending_attachment_deletion(db):
+    """'merge' keeps a pending attachment deletion and their change."""
+    put_with_attachments(db, 'a', {'gone.txt': b'x', 'kept.txt': b'y'}, v=0)
+    S = Session(db)
+    S.delete_attachment(S['a'], 'gone.txt')
+    change(db, 'a', theirs=1)
+    S.flush(on_conflict='merge')
+    assert fields(db, 'a') == {'v': 0, 'theirs': 1}
+    assert sorted(stubs(db, 'a')) == ['kept.txt']
+    assert on_server(db, 'a', 'kept.txt') == b'y'
+
+
+def test_merge_session_keeps_their_new_attachment_and_adds_its_own(db):
+    """'merge' keeps the other writer's new attachment and adds ours."""
+    put(db, 'a', v=0)
+    S = Session(db, on_conflict='merge')
+    S['a']['v'] = 1
+    S.put_attachment(S['a'], b'mine', 'mine.txt')
+    theirs = db['a']
+    db.put_attachment(theirs, b'theirs', 'theirs.txt')
+    S.flush()
+    assert fields(db, 'a') == {'v': 1}
+    assert on_server(db, 'a', 'mine.txt') == b'mine'
+    assert on_server(db, 'a', 'theirs.txt') == b'theirs'
+
+
+# -- Attachments: documents the server refuses --------------------------------
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_refused_document_keeps_its_attachment_for_the_retry(db, validated,
+                                                             wire, size):
+    """A refused document keeps its attachment pending for the retry."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc_id = S.create({'_id': 'n', 'forbidden': True})
+    S.put_attachment(doc_id, SIZES[size], 'f.bin')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['n'], couchdb.Forbidden)
+    assert 'n' not in db
+    assert S.get_attachment(doc_id, 'f.bin').read() == SIZES[size]
+    del S[doc_id]['forbidden']
+    S.flush()
+    assert fields(db, 'n') == {}
+    assert read_back(db, 'n', 'f.bin') == SIZES[size]
+    assert generation(db, 'n') == (1 if size == 'small' else 2)
+    assert S['n']['_rev'] == db['n'].rev
+
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_refused_attachment_on_a_document_the_server_refuses(db, size):
+    """A refused attachment-only write is a FlushError and stays pending."""
+    put(db, 'a', forbidden=True)
+    db['_design/validate'] = {'validate_doc_update': VALIDATE}
+    S = Session(db, max_inline_attachment=LIMIT)
+    doc = S['a']
+    S.put_attachment(doc, SIZES[size], 'f.bin')
+    try:
+        with pytest.raises(FlushError) as caught:
+            S.flush()
+        assert isinstance(caught.value.failures['a'], couchdb.Forbidden)
+    finally:
+        assert stubs(db, 'a') == {}
+        assert S.get_attachment('a', 'f.bin').read() == SIZES[size]
+        del doc['forbidden']
+        S.flush()
+        assert fields(db, 'a') == {}
+        assert on_server(db, 'a', 'f.bin') == SIZES[size]
+
+
+# -- Attachments: broken connections ------------------------------------------
+
+def is_put(method, path):
+    """A predicate for `Forwarder.fail`: any PUT (an attachment upload)."""
+    return method == 'PUT'
+
+
+def start_upload_work(S, file_like=False):
+    """A new document 'n' with a small and a large pending attachment."""
+    S.create({'_id': 'n', 'v': 1})
+    S.put_attachment('n', SMALL, 'small.txt')
+    S.put_attachment('n', io.BytesIO(LARGE) if file_like else LARGE,
+                     'large.bin')
+
+
+def assert_uploads_done_once(db, S):
+    """The document and both attachments are on the server, written once:
+    one bulk revision and one upload revision."""
+    assert fields(db, 'n') == {'v': 1}
+    assert on_server(db, 'n', 'small.txt') == SMALL
+    assert on_server(db, 'n', 'large.bin') == LARGE
+    assert sorted(stubs(db, 'n')) == ['large.bin', 'small.txt']
+    assert generation(db, 'n') == 2
+    assert S['n']['_rev'] == db['n'].rev
+    assert sorted(S['n']['_attachments']) == ['large.bin', 'small.txt']
+    assert not S.has_changes()
+
+
+def test_refused_connection_keeps_pending_attachments(db, remote, forwarder):
+    """Connection refused: the next flush writes everything once."""
+    S = Session(remote, max_inline_attachment=LIMIT)
+    start_upload_work(S)
+    forwarder.mode = 'refuse'
+    with pytest.raises(ConnectionRefusedError):
+        S.flush()
+    assert 'n' not in db
+    assert S.get_attachment('n', 'large.bin').read() == LARGE
+    forwarder.mode = 'pass'
+    S.flush()
+    assert_uploads_done_once(db, S)
+
+
+@pytest.mark.parametrize('times', [1, 2])
+def test_dropped_answer_of_the_bulk_request_writes_attachments_once(
+        db, remote, forwarder, times):
+    """Bulk answer lost once or twice: each attachment written once."""
+    S = Session(remote, max_inline_attachment=LIMIT)
+    start_upload_work(S)
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=times)
+    if times == 2:
+        with pytest.raises(OSError):
+            S.flush()
+        assert on_server(db, 'n', 'small.txt') == SMALL
+    S.flush()
+    assert forwarder.pending_rules == 0
+    assert_uploads_done_once(db, S)
+    assert forwarded(forwarder, 'PUT', '/large.bin') == 1
+
+
+@pytest.mark.parametrize('file_like', [False, True])
+@pytest.mark.parametrize('times', [1, 2])
+def test_dropped_answer_of_the_upload_writes_it_once(db, remote, forwarder,
+                                                     times, file_like):
+    """PUT answer lost once or twice: the attachment is written once."""
+    S = Session(remote, max_inline_attachment=LIMIT)
+    start_upload_work(S, file_like)
+    forwarder.fail('drop_answer', when=is_put, times=times)
+    if times == 2:
+        with pytest.raises(OSError):
+            S.flush()
+        assert on_server(db, 'n', 'large.bin') == LARGE
+    S.flush()
+    assert forwarder.pending_rules == 0
+    assert_uploads_done_once(db, S)
+
+
+@pytest.mark.parametrize('file_like', [False, True])
+def test_upload_cut_before_the_server_is_retried_with_all_content(
+        db, remote, forwarder, file_like):
+    """python-couchdb's retry of a cut PUT uploads the whole content."""
+    S = Session(remote, max_inline_attachment=LIMIT)
+    start_upload_work(S, file_like)
+    forwarder.fail('cut_before', when=is_put, times=1)
+    S.flush()
+    assert forwarder.pending_rules == 0
+    assert_uploads_done_once(db, S)
+
+
+@pytest.mark.parametrize('file_like', [False, True])
+def test_upload_cut_twice_raises_and_the_next_flush_uploads(
+        db, remote, forwarder, file_like):
+    """A PUT that never arrives raises; the next flush uploads it."""
+    S = Session(remote, max_inline_attachment=LIMIT)
+    start_upload_work(S, file_like)
+    forwarder.fail('cut_before', when=is_put, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert on_server(db, 'n', 'large.bin') is None
+    assert S.get_attachment('n', 'large.bin').read() == LARGE
+    S.flush()
+    assert_uploads_done_once(db, S)

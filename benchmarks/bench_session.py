@@ -291,12 +291,17 @@ def memory_workload(db, size):
 # -- Report -------------------------------------------------------------------
 
 def report(title, rows, baseline):
+    """Print the rows of `compare`: the ratio is to the ``baseline`` way;
+    "own" is the time spent outside HTTP requests (python-couchdb's JSON
+    encoding and decoding counts as HTTP)."""
     print('\n%s' % title)
-    print('  %-26s %9s %12s %8s' % ('way', 'requests', 'median s', 'ratio'))
+    print('  %-12s %9s %10s %8s %10s %10s' % (
+        'way', 'requests', 'median s', 'ratio', 'own s', 'HTTP s'))
     base = dict((row[0], row[2]) for row in rows)[baseline]
-    for name, requests, seconds, *rest in rows:
-        print('  %-26s %9d %12.4f %8.2f' % (name, requests, seconds,
-                                            seconds / base if base else 0))
+    for name, requests, seconds, http in rows:
+        print('  %-12s %9d %10.4f %8.2f %10.4f %10.4f' % (
+            name, requests, seconds, seconds / base if base else 0,
+            seconds - http, http))
 
 
 def main(argv=None):
