@@ -2220,6 +2220,12 @@ def _diff_dict(ops, path, old, new):
         if type(value) in _CONTAINERS and _same(value, other):
             continue
         _diff_value(ops, (path, key), value, other)
+    _diff_added(ops, path, old, new)
+
+
+def _diff_added(ops, path, old, new):
+    """The ``add`` operations of the keys of dict ``new`` that ``old``
+    lacks."""
     for key, value in new.items():
         if key not in old:
             if not isinstance(key, str):
@@ -2276,13 +2282,7 @@ def _diff_tracked(ops, path, current, copies, marked):
         elif not (type(old) in _JSON_LEAVES and type(old) is type(new) and
                   old == new):
             _diff_value(ops, (path, key), _materialize(old, copies), new)
-    for key, new in current.items():
-        if key not in before:
-            if not isinstance(key, str):
-                raise _BadKey(_BAD_KEY % (key, _pointer(path) or '/',
-                                          type(key).__name__))
-            ops.append({'op': 'add', 'path': _pointer((path, key)),
-                        'value': _plain(new)})
+    _diff_added(ops, path, before, current)
 
 
 def _diff_list(ops, path, old, new):
