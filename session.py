@@ -1134,7 +1134,7 @@ _set_subject = _ObjectProxy.__subject__.__set__
 class _Tracked(_ObjectWrapper):
     """A proxy for one dict or list of a tracked document."""
 
-    __slots__ = ('_entry', '_parent')
+    __slots__ = ('_entry', '_parent', '_key')
 
     # ProxyTypes' wrappers look every dunder name up on the subject, in
     # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
@@ -1163,15 +1163,25 @@ class _Tracked(_ObjectWrapper):
         if id(subject) in copies:
             return
         copies[id(subject)] = (subject, subject.copy())
-        # Mark the way from the root down here, for diffs to follow.
+        # Mark the way from the root down here, for diffs to follow: each
+        # dict or list on it, with the keys of its marked children.
         marked = entry.marked
-        proxy = self
-        while proxy is not None:
+        key, proxy = None, self
+        while True:
             subject = _subject_of(proxy)
-            if id(subject) in marked:
-                break
-            marked[id(subject)] = subject
-            proxy = _parent_of(proxy)
+            mark = marked.get(id(subject))
+            if mark is not None:
+                if key is not None:
+                    mark[1].add(key)
+                return
+            marked[id(subject)] = (subject, set() if key is None else {key})
+            parent = _parent_of(proxy)
+            if parent is None:
+                return
+            key = _place(_subject_of(parent), _key_of(proxy), subject)
+            if key is _MISSING:
+                return      # taken out of the document: not its change
+            proxy = parent
 
     def copy(self):
         """A plain deep copy (a shallow one would let untracked aliases of
@@ -1193,6 +1203,8 @@ _entry_of = _Tracked._entry.__get__
 _set_entry = _Tracked._entry.__set__
 _parent_of = _Tracked._parent.__get__
 _set_parent = _Tracked._parent.__set__
+_key_of = _Tracked._key.__get__
+_set_key = _Tracked._key.__set__
 
 
 class _TrackedDict(_Tracked):
@@ -1207,12 +1219,12 @@ class _TrackedDict(_Tracked):
         value = _subject_of(self)[key]
         if type(value) in _JSON_LEAVES:
             return value
-        return _wrap(value, _entry_of(self), self)
+        return _wrap(value, _entry_of(self), self, key)
 
     def get(self, key, default=None):
         subject = _subject_of(self)
         if key in subject:
-            return _wrap(subject[key], _entry_of(self), self)
+            return _wrap(subject[key], _entry_of(self), self, key)
         return default
 
     def __iter__(self):
@@ -1259,7 +1271,7 @@ class _TrackedDict(_Tracked):
         if key not in subject:
             self._touch()
             subject[key] = _plain(default)
-        return _wrap(subject[key], _entry_of(self), self)
+        return _wrap(subject[key], _entry_of(self), self, key)
 
     def update(self, *args, **kwargs):
         values = _plain(dict(*args, **kwargs))
@@ -1304,7 +1316,7 @@ class _ItemsView(_abc.ItemsView):
         proxy = self._mapping
         entry = _entry_of(proxy)
         return iter([(key, value if type(value) in _JSON_LEAVES else
-                      _wrap(value, entry, proxy))
+                      _wrap(value, entry, proxy, key))
                      for key, value in _subject_of(proxy).items()])
 
 
@@ -1317,8 +1329,8 @@ class _ValuesView(_abc.ValuesView):
         proxy = self._mapping
         entry = _entry_of(proxy)
         return iter([value if type(value) in _JSON_LEAVES else
-                     _wrap(value, entry, proxy)
-                     for value in _subject_of(proxy).values()])
+                     _wrap(value, entry, proxy, key)
+                     for key, value in _subject_of(proxy).items()])
 
 
 class _TrackedList(_Tracked):
@@ -1333,21 +1345,22 @@ class _TrackedList(_Tracked):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return _plain(_subject_of(self)[index])
-        value = _subject_of(self)[index]
+        subject = _subject_of(self)
+        value = subject[index]
         if type(value) in _JSON_LEAVES:
             return value
-        return _wrap(value, _entry_of(self), self)
+        if index < 0:
+            index += len(subject)
+        return _wrap(value, _entry_of(self), self, index)
 
     def __iter__(self):
         entry = _entry_of(self)
         return iter([value if type(value) in _JSON_LEAVES else
-                     _wrap(value, entry, self)
-                     for value in _subject_of(self)])
+                     _wrap(value, entry, self, index)
+                     for index, value in enumerate(_subject_of(self))])
 
     def __reversed__(self):
-        entry = _entry_of(self)
-        return iter([_wrap(value, entry, self)
-                     for value in reversed(_subject_of(self))])
+        return reversed(list(self))
 
     def __add__(self, other):
         if not isinstance(other, list):
@@ -1432,13 +1445,26 @@ class _TrackedList(_Tracked):
 
 _new = object.__new__
 _WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+def _place(container, key, child):
+    """Where ``child`` is in ``container`` now: ``key``, where it was read,
+    unless list items moved since; `_MISSING` if it was taken out."""
+    if isinstance(container, dict):
+        return key if container.get(key, _MISSING) is child else _MISSING
+    if key < len(container) and container[key] is child:
+        return key
+    for index, item in enumerate(container):
+        if item is child:
+            return index
+    return _MISSING
+
+
 def _is_child(value, child):
     """Whether ``value`` is the proxy of ``child`` itself."""
     return isinstance(value, _Tracked) and _subject_of(value) is child
 
 
-def _wrap(value, entry, parent):
-    """``value`` read from ``parent`` (a proxy of the document of
+def _wrap(value, entry, parent, key):
+    """``value`` read at ``key`` of ``parent`` (a proxy of the document of
     ``entry``): a tracked proxy for a dict or list, the value itself
     otherwise."""
     cls = _WRAPPERS.get(type(value))
@@ -1448,6 +1474,7 @@ def _wrap(value, entry, parent):
     _set_subject(proxy, value)
     _set_entry(proxy, entry)
     _set_parent(proxy, parent)
+    _set_key(proxy, key)
     return proxy
 
 
@@ -1464,6 +1491,7 @@ def _root(document, entry):
     _set_subject(proxy, document)
     _set_entry(proxy, entry)
     _set_parent(proxy, None)
+    _set_key(proxy, None)
     return proxy
 
 
@@ -1499,10 +1527,11 @@ class _Entry(object):
         # for new documents (the empty one) and resolved ones (the
         # server's); a document changed since it was clean has `copies`
         # instead: {id(dict or list): (it, a shallow copy before its first
-        # change)}, and `marked`: {id: dict or list} for those and the
-        # ones holding them. Dicts and lists never copied are as they were:
-        # copying only what changes keeps the first change cheap, and diffs
-        # follow the marked ones only. None but in those states.
+        # change)}, and `marked`: {id: (dict or list, keys of its marked
+        # children)} for those and the ones holding them. Dicts and lists
+        # never copied are as they were: copying only what changes keeps
+        # the first change cheap, and diffs follow the marked ones only.
+        # None but in those states.
         self.base = base
         self.copies = self.marked = None
         # For DELETED: the revision to delete. For NEW: the revision of a
@@ -1531,9 +1560,7 @@ class _Entry(object):
     def touch(self):
         """Called before the first change of a clean document."""
         if self.state is _CLEAN and self.pending is not None:
-            subject = self.subject
-            self.copies = {id(subject): (subject, dict(subject))}
-            self.marked = {id(subject): subject}
+            self.copies, self.marked = {}, {}
             self.state = _DIRTY
             self.pending[self.id] = self
 
@@ -1636,7 +1663,7 @@ class _Entry(object):
 
     def replace(self, content):
         """Give the document new content, keeping the object."""
-        self.touch()
+        self.doc._touch()
         self.hold(content)
 
     def delete(self, rev=None):
@@ -2260,12 +2287,14 @@ def _diff_tracked(ops, path, current, copies, marked):
     (see `_Entry`)."""
     recorded = copies.get(id(current))
     if recorded is None:
-        # Unchanged itself: only marked children may hold changes.
-        items = current.items() if isinstance(current, dict) else \
-            enumerate(current)
-        for key, item in items:
-            if id(item) in marked and type(item) in _CONTAINERS:
-                _diff_tracked(ops, (path, key), item, copies, marked)
+        # Unchanged itself: only its marked children may hold changes,
+        # diffed in the document's order.
+        keys = marked[id(current)][1] if id(current) in marked else ()
+        if len(keys) > 1:
+            keys = [key for key in current if key in keys] if \
+                isinstance(current, dict) else sorted(keys)
+        for key in keys:
+            _diff_tracked(ops, (path, key), current[key], copies, marked)
         return
     before = recorded[1]
     if not isinstance(current, dict):

@@ -688,6 +688,26 @@ def test_children_from_every_read_path_are_tracked(db, name):
     assert server['m'].get('changed') or server['l'][-1].get('changed')
 
 
+def test_changes_through_references_kept_across_flushes(db):
+    """A reference taken before a flush still tracks its dict after list
+    items moved; one to a dict taken out of the document changes nothing
+    the session writes."""
+    put(db, 'a', items=[{'n': 1}, {'n': 2}], gone={'x': 1})
+    S = Session(db)
+    doc = S['a']
+    second, gone = doc['items'][1], doc['gone']
+    doc['items'].insert(0, {'n': 0})
+    del doc['gone']
+    S.flush()
+    second['n'] = 20                        # now at index 2
+    gone['x'] = 2                           # no longer in the document
+    assert S.diff(doc) == [{'op': 'replace', 'path': '/items/2/n',
+                            'value': 20, 'was': 2}]
+    S.flush()
+    assert stored(db, 'a') == {'_id': 'a', 'items': [
+        {'n': 0}, {'n': 1}, {'n': 20}]}
+
+
 def test_dict_proxy_iterates_over_keys(db):
     """Iterating a tracked dict gives its keys (ProxyTypes alone would
     not)."""
