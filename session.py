@@ -230,7 +230,8 @@ class Session(object):
                                  ``content`` has no ``_rev``
         """
         entry = self._entries.get(id)
-        if entry is not None and entry.doc is content:
+        if entry is not None and entry.doc is content and \
+                entry.state is not _DELETED:
             return
         doc = _copy_in(content)
         doc['_id'] = id
@@ -642,8 +643,8 @@ class Session(object):
                 break
             self._send(plan, resend, outcomes)
         self._upload(plan, outcomes, resolver)
-        # Deletions whose document the server no longer has are done too:
-        # there is nothing to retry.
+        # Deletions of documents the server does not have are reported,
+        # and dropped: there is nothing to retry.
         for id, exc in plan.gone.items():
             outcomes[id] = exc
             plan.entry(id).forget()
@@ -699,6 +700,7 @@ class Session(object):
         """PUT one attachment: the new revision, or the exception of the
         refusal. A conflict is settled as for bulk writes (a lost answer
         is recognised, ``on_conflict`` applies) and the PUT tried again."""
+        refusal = None
         for _ in range(self.max_conflict_rounds):
             try:
                 answer = self._put_attachment(entry, filename, attachment)
@@ -972,7 +974,11 @@ class Session(object):
                 ('not_found', 'document %r is already deleted in this '
                  'session' % entry.id))
         if entry.state is _NEW and entry.rev is None:
-            entry.forget()          # never written: nothing to send
+            if entry.sent is None:
+                entry.forget()      # never written: nothing to send
+            else:
+                # A flush whose connection failed may have created it.
+                entry.delete(_LOOKUP)
         else:
             entry.delete()
 
@@ -1445,6 +1451,8 @@ class _TrackedList(_Tracked):
 
 _new = object.__new__
 _WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+
+
 def _place(container, key, child):
     """Where ``child`` is in ``container`` now: ``key``, where it was read,
     unless list items moved since; `_MISSING` if it was taken out."""
@@ -1753,6 +1761,7 @@ class _Entry(object):
         changes (attachment changes too)."""
         self.hold(document)
         self.attachments = {}
+        self.digests = None
         self.clean()
 
     def forget(self):
@@ -1763,6 +1772,7 @@ class _Entry(object):
                     self.entries.get(self.id) is self:
                 del self.entries[self.id]
         self.pending = self.entries = None
+        self.copies = self.marked = None
         if self.state is not _DELETED:
             self.state = _CLEAN
 
@@ -1836,8 +1846,12 @@ class _Attachment(object):
     def is_on(self, document, filename):
         """Whether ``document`` (a server version) has this attachment."""
         stub = ((document or {}).get('_attachments') or {}).get(filename)
+        # The digest too: another writer's file of the same size must not
+        # pass for this one (where the server's digest differs from MD5,
+        # as CouchDB's may, the upload is reported as a conflict instead).
         return stub is not None and stub.get('length') == self.size and \
-            stub.get('content_type') == self.content_type
+            stub.get('content_type') == self.content_type and \
+            stub.get('digest') == self.digest()
 
 
 # -- Flush planning -----------------------------------------------------------
@@ -1870,7 +1884,11 @@ class _FlushPlan(object):
                 self.created.append(entry)
             else:
                 diff = entry.diff()
-                if diff or entry.inline_attachments(inline_limit):
+                # A document sent by a flush whose connection failed goes
+                # again even if its changes cancelled out since: the server
+                # may hold what was sent.
+                if diff or entry.sent is not None or \
+                        entry.inline_attachments(inline_limit):
                     self.changed.append((entry, diff))
                 elif not entry.large_attachments(inline_limit):
                     self.unchanged.append(entry)
@@ -2027,7 +2045,8 @@ class _Resolver(object):
         or ``None`` to keep the conflict."""
         if entry.state is _DELETED and theirs is None:
             entry.forget()              # deleted already: nothing to do
-            return rev
+            return rev if rev is not None else _ResourceNotFound(
+                ('not_found', 'missing'))
         if theirs is not None and entry.state is not _DELETED:
             if entry.attempt is not None and \
                     _same_write(entry.attempt, theirs):

@@ -3261,6 +3261,48 @@ def test_lost_answer_of_a_deletion_by_id_is_recognised(db, remote,
     assert S.deleted == [] and not S.has_changes()
 
 
+def test_lost_write_reverted_afterwards_is_written_back(db, remote,
+                                                        forwarder):
+    """A change whose flush lost its connection after the server applied
+    it, then changed back: the next flush writes the reverted content."""
+    put(db, 'a', v=1)
+    S = Session(remote)
+    S['a']['v'] = 2
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert db['a']['v'] == 2
+    S['a']['v'] = 1
+    S.flush()
+    assert db['a']['v'] == 1 and not S.has_changes()
+
+
+def test_new_document_deleted_after_a_lost_create_is_deleted(db, remote,
+                                                              forwarder):
+    """A created document whose flush lost its connection may be on the
+    server: deleting it in the session deletes it there."""
+    S = Session(remote)
+    S.create({'_id': 'c', 'v': 1})
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert 'c' in db
+    del S['c']
+    S.flush()
+    assert 'c' not in db
+
+
+def test_setitem_of_a_deleted_document_brings_it_back(db):
+    """S[id] = doc after del S[id] writes doc again, as save(doc) does."""
+    put(db, 'a', v=1)
+    S = Session(db)
+    doc = S['a']
+    del S['a']
+    S['a'] = doc
+    S.flush()
+    assert stored(db, 'a') == {'_id': 'a', 'v': 1}
+
+
 # -- Attachments --------------------------------------------------------------
 #
 # `put_attachment` and `delete_attachment` are queued until `flush()`; small
@@ -4023,6 +4065,23 @@ def test_merge_session_keeps_their_new_attachment_and_adds_its_own(db):
     assert fields(db, 'a') == {'v': 1}
     assert on_server(db, 'a', 'mine.txt') == b'mine'
     assert on_server(db, 'a', 'theirs.txt') == b'theirs'
+
+
+def test_another_writers_attachment_of_the_same_size_is_not_taken_for_ours(
+        db):
+    """A large upload that conflicts with another writer's attachment of the
+    same name, size and type is reported, not counted as uploaded."""
+    put(db, 'd', v=1)
+    S = Session(db, max_inline_attachment=4)
+    S.put_attachment(S['d'], b'MINE-MINE', 'f.bin')
+    other = db['d']
+    db.put_attachment(other, b'THEIRS-XX', 'f.bin', 'application/octet-stream')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['d'], couchdb.ResourceConflict)
+    assert S.get_attachment('d', 'f.bin').read() == b'MINE-MINE'
+    S.flush(on_conflict='merge')
+    assert db.get_attachment('d', 'f.bin').read() == b'MINE-MINE'
 
 
 # -- Attachments: documents the server refuses --------------------------------
