@@ -1615,10 +1615,14 @@ class _Entry(object):
     def inline_attachments(self, limit):
         """The attachment changes that go in the bulk request: deletions,
         and puts of at most ``limit`` bytes."""
+        if not self.attachments:
+            return {}
         return dict((name, a) for name, a in self.attachments.items()
                     if a is None or not a.is_large(limit))
 
     def large_attachments(self, limit):
+        if not self.attachments:
+            return []
         return [(name, a) for name, a in self.attachments.items()
                 if a is not None and a.is_large(limit)]
 
