@@ -37,6 +37,7 @@ Contents, in reading order:
 
 import base64 as _base64
 import collections.abc as _abc
+import errno as _errno
 import hashlib as _hashlib
 import io as _io
 import logging as _logging
@@ -165,7 +166,7 @@ class Session(object):
         self._entries = {}
         self._pending = {}
         self._flushing = False
-        self._uploads = None
+        self._writes = None         # the resource `_Flush` writes through
 
     def __repr__(self):
         return '<%s %r: %d held, %d pending>' % (
@@ -560,61 +561,9 @@ class Session(object):
             return []
         self._flushing = True
         try:
-            return self._flush(on_conflict)
+            return _Flush(self, on_conflict).run()
         finally:
             self._flushing = False
-
-    def _flush(self, on_conflict):
-        results, failures = [], {}
-        for _ in range(self.max_hook_rounds):
-            plan = self._plan_with_hooks(exclude=failures)
-            if not plan:
-                break
-            written, refused = self._write(plan, on_conflict)
-            results.extend(written)
-            failures.update(refused)
-            done = plan.without(refused) if self._hooked('post') else None
-            if done:
-                self.post_flush_hook(done.deleted_docs(),
-                                     done.created_docs(),
-                                     done.changed_docs())
-        else:
-            raise RuntimeError(
-                'flush() gave up after %d rounds: the hooks keep creating '
-                'work. What was written stays written; the rest is pending.'
-                % self.max_hook_rounds)
-        if failures:
-            raise FlushError(results, failures)
-        return results
-
-    def _plan(self, exclude):
-        """The plan of the next bulk request: every pending entry but the
-        ``exclude``d ids. Entries whose changes cancelled out are clean
-        again."""
-        plan = _FlushPlan([entry for id, entry in self._pending.items()
-                           if id not in exclude], self.max_inline_attachment)
-        plan.clean_unchanged()
-        return plan
-
-    def _plan_with_hooks(self, exclude):
-        """The plan of the next bulk request, after calling the pre-flush
-        hook until it adds no work."""
-        plan = self._plan(exclude)
-        if not self._hooked('pre'):
-            return plan
-        seen = set()
-        for _ in range(self.max_hook_rounds):
-            news = plan.only(lambda key: key not in seen)
-            if not news:
-                return plan
-            seen |= news.keys()
-            self.pre_flush_hook(news.deleted_docs(), news.created_docs(),
-                                news.changed_docs())
-            # The hook may have changed anything: plan again.
-            plan = self._plan(exclude)
-        raise RuntimeError(
-            'flush() gave up after %d calls of the pre-flush hook: it keeps '
-            'creating work. Nothing was sent.' % self.max_hook_rounds)
 
     def _hooked(self, when):
         """Whether there is a ``'pre'`` or ``'post'`` flush hook to call
@@ -624,179 +573,6 @@ class Session(object):
                 type(self).pre_flush_hook is not Session.pre_flush_hook
         return self._post_flush is not None or \
             type(self).post_flush_hook is not Session.post_flush_hook
-
-    def _write(self, plan, on_conflict):
-        """Send ``plan``, resolve its conflicts and apply the answers:
-        ``(results, failures)``."""
-        payloads = plan.payloads()      # raises on bad values: nothing sent
-        self._look_up_revisions(plan, payloads)
-        outcomes = {}                   # id: new rev or exception
-        self._send(plan, payloads, outcomes)
-        resolver = _Resolver(self, plan, on_conflict)
-        for _ in range(self.max_conflict_rounds):
-            conflicted = [id for id, outcome in outcomes.items()
-                          if isinstance(outcome, _ResourceConflict)]
-            if not conflicted:
-                break
-            resend = resolver.resolve(conflicted, outcomes)
-            if not resend:
-                break
-            self._send(plan, resend, outcomes)
-        self._upload(plan, outcomes, resolver)
-        # Deletions of documents the server does not have are reported,
-        # and dropped: there is nothing to retry.
-        for id, exc in plan.gone.items():
-            outcomes[id] = exc
-            plan.entry(id).forget()
-        results = [(not isinstance(outcome, Exception), id, outcome)
-                   for id, outcome in outcomes.items()]
-        failures = dict((id, outcome) for ok, id, outcome in results
-                        if not ok)
-        return results, failures
-
-    def _send(self, plan, payloads, outcomes):
-        """POST ``payloads`` to ``_bulk_docs``, `batch_size` at a time;
-        record each document's outcome, and apply the successes."""
-        for start in range(0, len(payloads), self.batch_size):
-            batch = payloads[start:start + self.batch_size]
-            _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
-            try:
-                _, _, rows = self.db.resource.post_json(
-                    '_bulk_docs', body={'docs': batch})
-            except Exception:
-                # The server may have applied the request before the
-                # connection failed: remember what was sent, so that the
-                # next flush recognises these writes as its own.
-                for payload in batch:
-                    plan.entry(payload['_id']).sent = _plain(payload)
-                raise
-            answers = dict((row.get('id'), row) for row in rows)
-            for payload in batch:
-                id = payload['_id']
-                outcome = outcomes[id] = _outcome(answers.get(id))
-                entry = plan.entry(id)
-                if isinstance(outcome, Exception):
-                    entry.attempt = payload
-                else:
-                    entry.written(outcome, payload)
-
-    def _upload(self, plan, outcomes, resolver):
-        """PUT the attachments too large to go inline, one request each,
-        streamed, after their document's write; each gives a new
-        revision."""
-        for entry in plan.uploads:
-            if isinstance(outcomes.get(entry.id), Exception) or \
-                    entry.pending is None:
-                continue
-            for filename, attachment in entry.large_attachments(
-                    self.max_inline_attachment):
-                outcomes[entry.id] = self._upload_one(
-                    plan, entry, filename, attachment, resolver, outcomes)
-                if isinstance(outcomes[entry.id], Exception):
-                    break
-
-    def _upload_one(self, plan, entry, filename, attachment, resolver,
-                    outcomes):
-        """PUT one attachment: the new revision, or the exception of the
-        refusal. A conflict is settled as for bulk writes (a lost answer
-        is recognised, ``on_conflict`` applies) and the PUT tried again."""
-        refusal = None
-        for _ in range(self.max_conflict_rounds):
-            try:
-                answer = self._put_attachment(entry, filename, attachment)
-            except _ResourceConflict as exc:
-                refusal = exc
-                rev, theirs = self._current([entry.id]).get(
-                    entry.id, (None, None))
-                if attachment.is_on(theirs, filename):
-                    entry.uploaded(filename, rev, attachment)
-                    return rev          # uploaded; the answer was lost
-                outcome = resolver.settle(entry, rev, theirs)
-                if outcome is _RESEND:
-                    self._send(plan, [entry.payload(plan.inline_limit)],
-                               outcomes)
-                    outcome = outcomes[entry.id]
-                if outcome is None or isinstance(outcome, Exception):
-                    return outcome or refusal
-            except _HTTPError as exc:
-                return exc
-            else:
-                entry.uploaded(filename, answer['rev'], attachment)
-                return answer['rev']
-        return refusal
-
-    def _put_attachment(self, entry, filename, attachment):
-        """``PUT /db/id/filename?rev=...``, streamed; tried a second time,
-        from the start of the content, when the connection fails as
-        python-couchdb would retry it."""
-        for retry in (True, False):
-            try:
-                return self._uploader(entry.id).put_json(
-                    filename, body=attachment.stream(),
-                    headers={'Content-Type': attachment.content_type},
-                    rev=entry.subject.get('_rev'))[2]
-            except OSError as exc:
-                if not retry or not exc.args or \
-                        exc.args[0] not in _RETRYABLE_ERRORS:
-                    raise
-
-    def _uploader(self, id):
-        """The resource of document ``id`` for uploads, through an HTTP
-        session of its own that does not retry by itself: python-couchdb
-        retries a failed request once, and would read a streamed file on
-        from where the failed attempt left it (`_put_attachment` retries
-        from the start instead)."""
-        if self._uploads is None:
-            resource = self.db.resource
-            timeout = getattr(resource.session, '_timeout', None)
-            self._uploads = _Resource(
-                resource.url, _HTTPSession(timeout=timeout, retryable_errors=()))
-            self._uploads.credentials = resource.credentials
-            self._uploads.headers = dict(resource.headers)
-        if id.startswith('_design/'):
-            return self._uploads('_design', id[len('_design/'):])
-        return self._uploads(id)
-
-    def _current(self, ids):
-        """``{id: (rev, document or None if deleted)}`` of the server's
-        current versions, in one ``POST _all_docs?include_docs=true``; an id
-        the server never had is left out."""
-        current = {}
-        for row in self.db.view('_all_docs', keys=ids, include_docs=True):
-            if 'error' in row:
-                continue
-            deleted = row['value'].get('deleted')
-            current[row['id']] = (row['value']['rev'],
-                                  None if deleted else row['doc'])
-        return current
-
-    def _look_up_revisions(self, plan, payloads):
-        """Fill in the ``_rev`` of deletions (and re-creations) of documents
-        the session never fetched, with one ``POST _all_docs``."""
-        ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
-        if not ids:
-            return
-        revs = {}
-        for row in self.db.view('_all_docs', keys=ids):
-            value = row.get('value') or {}
-            if 'error' not in row and not value.get('deleted'):
-                revs[row['id']] = value['rev']
-        for payload in payloads:
-            if payload.get('_rev') is not _LOOKUP:
-                continue
-            id = payload['_id']
-            # Kept in the entry too: a retry after a lost answer must send
-            # the same revision, to be recognised.
-            plan.entry(id).rev = revs.get(id)
-            if id in revs:
-                payload['_rev'] = revs[id]
-            else:
-                del payload['_rev']
-        for payload in list(payloads):
-            if payload.get('_deleted') and '_rev' not in payload:
-                payloads.remove(payload)
-                plan.gone[payload['_id']] = _ResourceNotFound(
-                    ('not_found', 'missing'))
 
     def pre_flush_hook(self, deleted, created, changed):
         """Called by `flush` before it writes.
@@ -873,10 +649,11 @@ class Session(object):
 
     def has_changes(self):
         """Whether `flush` has anything to send: a new or deleted document,
-        or a changed one that differs from the version fetched. No request
-        is made."""
+        a changed one that differs from the version fetched, or one whose
+        last write's answer was lost. No request is made."""
+        # A document whose last write's answer was lost is sent again.
         return any(e.state is _NEW or e.state is _DELETED or e.attachments
-                   or (e.state is _DIRTY and e.diff())
+                   or e.sent is not None or (e.state is _DIRTY and e.diff())
                    for e in self._pending.values())
 
     def expunge(self, doc_or_id):
@@ -1044,26 +821,6 @@ def _check_id(id):
     if id.startswith('_') and not id.startswith(('_design/', '_local/')):
         raise ValueError('document _id %r starts with "_": only _design/ '
                          'and _local/ ids may' % id)
-
-
-_ROW_ERRORS = {
-    'conflict': _ResourceConflict,
-    'forbidden': _Forbidden,
-    'unauthorized': _Unauthorized,
-    'not_found': _ResourceNotFound,
-}
-
-
-def _outcome(row):
-    """The new revision of a ``_bulk_docs`` answer row, or the exception
-    (python-couchdb's, holding ``(error, reason)``) for a refused one."""
-    if row is None:
-        return _ServerError(('no_answer', 'the server did not answer for '
-                             'this document'))
-    if 'error' in row:
-        cls = _ROW_ERRORS.get(row['error'], _ServerError)
-        return cls((row['error'], row.get('reason')))
-    return row['rev']
 
 
 class _ViewResults(object):
@@ -1523,7 +1280,7 @@ class _Entry(object):
     """What the session knows of one document id."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'pending', 'entries', 'attempt', 'sent', 'attachments',
+                 'pending', 'entries', 'sent', 'attachments',
                  'digests')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
@@ -1549,10 +1306,10 @@ class _Entry(object):
         # session forgot this entry, which then tracks nothing.
         self.pending = pending
         self.entries = None
-        # What this flush sent for a refused document (`attempt`), and what
-        # a flush whose connection failed had sent (`sent`): a server
-        # version equal to either is this session's own write.
-        self.attempt = self.sent = None
+        # What a write whose answer never came back had sent: until the
+        # entry is settled, a server version equal to it is the session's
+        # own write (and only then: see `_Flush`).
+        self.sent = None
         # {filename: _Attachment to put, or None to delete} until written.
         self.attachments = {}
         # {filename: MD5 digest} of attachments this session wrote. PouchDB
@@ -1718,7 +1475,7 @@ class _Entry(object):
         may wait for their upload)."""
         self.state = _CLEAN
         self.base = self.copies = self.marked = None
-        self.rev = self.attempt = self.sent = None
+        self.rev = self.sent = None
         if not self.attachments:
             self.pending.pop(self.id, None)
 
@@ -1785,11 +1542,14 @@ class _Attachment(object):
     """The content of an attachment put in the session, kept until the
     server has it: bytes, or a seekable file read from where it stood."""
 
-    __slots__ = ('content', 'content_type', 'start', 'size', 'md5')
+    __slots__ = ('content', 'content_type', 'start', 'size', 'md5',
+                 'unknown')
 
     def __init__(self, content, content_type):
         self.content_type = content_type
         self.md5 = None
+        # Whether an upload of it went out and its answer never came back.
+        self.unknown = False
         if isinstance(content, str):
             content = content.encode('utf-8')
         elif isinstance(content, _io.TextIOBase):
@@ -2012,58 +1772,317 @@ def _json_problem(value):
     return None
 
 
-# -- Conflicts ----------------------------------------------------------------
+# -- One flush ----------------------------------------------------------------
 
-# What `_Resolver.settle` returns for a document to send again.
+# What `_Flush.settle` returns for a document to send again.
 _RESEND = object()
 
 
-class _Resolver(object):
-    """Settles the conflicts of one bulk request: reads the server's versions
-    of all conflicted documents in one request, recognises the session's own
-    writes whose answer was lost, and applies ``on_conflict`` to the rest."""
+class _Flush(object):
+    """One `Session.flush()` call: plans each bulk request (calling the
+    hooks), sends it, settles its conflicts, uploads the large attachments,
+    and applies the answers.
 
-    def __init__(self, session, plan, on_conflict):
+    Every document of a request has one of three outcomes: answered (a new
+    revision, or the server's refusal), or unknown: the request went out and
+    its answer never came back, so the server may or may not have applied
+    it. Only an unknown outcome lets the server's version count as the
+    session's own write (the entry's `sent`); a refusal that was answered is
+    always what it says. Conflicts of bulk writes and of uploads take the
+    same path, `settle`.
+    """
+
+    def __init__(self, session, on_conflict):
         self.session = session
-        self.plan = plan
         self.on_conflict = on_conflict
+        self.inline_limit = session.max_inline_attachment
+        self.results = []       # (success, id, rev_or_exc) of every round
+        self.failures = {}      # id: exception, of the refused documents
+        self.plan = None        # the plan of the round being written
+        self.outcomes = {}      # id: new rev or exception, in that round
+        if session._writes is None:
+            session._writes = _without_retries(session.db.resource)
+        self.resource = session._writes
 
-    def resolve(self, ids, outcomes):
-        """Settle the conflicts of ``ids``: record in ``outcomes`` those
-        settled without a write, and return the payloads to send again."""
-        current = self.session._current(ids)
+    def run(self):
+        """Write rounds until the hooks add no work: the results, or
+        `FlushError`. When a round fails on the connection, the post-flush
+        hook still sees what that round had written."""
+        session = self.session
+        for _ in range(session.max_hook_rounds):
+            self.plan = self.plan_with_hooks()
+            if not self.plan:
+                break
+            try:
+                self.write(self.plan)
+            except Exception:
+                self.report(self.plan.only(self.was_written))
+                raise
+            refused = dict((id, outcome) for id, outcome
+                           in self.outcomes.items()
+                           if isinstance(outcome, Exception))
+            self.results.extend((id not in refused, id, outcome)
+                                for id, outcome in self.outcomes.items())
+            self.failures.update(refused)
+            self.report(self.plan.without(refused))
+        else:
+            raise RuntimeError(
+                'flush() gave up after %d rounds: the hooks keep creating '
+                'work. What was written stays written; the rest is pending.'
+                % session.max_hook_rounds)
+        if self.failures:
+            raise FlushError(self.results, self.failures)
+        return self.results
+
+    def was_written(self, key):
+        outcome = self.outcomes.get(key[0])
+        return outcome is not None and not isinstance(outcome, Exception)
+
+    def report(self, done):
+        """Call the post-flush hook with the work of ``done``, if any."""
+        if done and self.session._hooked('post'):
+            self.session.post_flush_hook(done.deleted_docs(),
+                                         done.created_docs(),
+                                         done.changed_docs())
+
+    # Planning.
+
+    def plan_once(self):
+        """The plan of the next bulk request: every pending entry but those
+        refused in this flush. Entries whose changes cancelled out are clean
+        again."""
+        plan = _FlushPlan([entry for id, entry in
+                           self.session._pending.items()
+                           if id not in self.failures], self.inline_limit)
+        plan.clean_unchanged()
+        return plan
+
+    def plan_with_hooks(self):
+        """The plan of the next bulk request, after calling the pre-flush
+        hook until it adds no work."""
+        session = self.session
+        plan = self.plan_once()
+        if not session._hooked('pre'):
+            return plan
+        seen = set()
+        for _ in range(session.max_hook_rounds):
+            news = plan.only(lambda key: key not in seen)
+            if not news:
+                return plan
+            seen |= news.keys()
+            session.pre_flush_hook(news.deleted_docs(), news.created_docs(),
+                                   news.changed_docs())
+            # The hook may have changed anything: plan again.
+            plan = self.plan_once()
+        raise RuntimeError(
+            'flush() gave up after %d calls of the pre-flush hook: it keeps '
+            'creating work. Nothing was sent.' % session.max_hook_rounds)
+
+    # Writing.
+
+    def write(self, plan):
+        """Send ``plan``, upload its large attachments, and settle the
+        conflicts of both, for at most `Session.max_conflict_rounds` rounds
+        of one read and one write; the outcomes are in `outcomes`."""
+        self.outcomes = {}
+        payloads = plan.payloads()      # raises on bad values: nothing sent
+        self.look_up_revisions(plan, payloads)
+        self.send(plan, payloads)
+        self.upload(plan)
+        settled = set()                 # ids resolve() gave its last word
+        for _ in range(self.session.max_conflict_rounds):
+            conflicted = [id for id, outcome in self.outcomes.items()
+                          if isinstance(outcome, _ResourceConflict) and
+                          id not in settled]
+            if not conflicted:
+                break
+            resend = self.resolve(plan, conflicted)
+            settled.update(id for id in conflicted
+                           if self.outcomes[id] is not _RESEND)
+            self.send(plan, resend)
+            self.upload(plan)
+            if not resend:
+                break
+        # Deletions of documents the server does not have are reported,
+        # and dropped: there is nothing to retry.
+        for id, exc in plan.gone.items():
+            self.outcomes[id] = exc
+            plan.entry(id).forget()
+
+    def send(self, plan, payloads):
+        """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
+        time; record each document's outcome, and apply the successes."""
+        size = self.session.batch_size
+        for start in range(0, len(payloads), size):
+            batch = payloads[start:start + size]
+            answers = dict((row.get('id'), row)
+                           for row in self.post(plan, batch))
+            for payload in batch:
+                id = payload['_id']
+                outcome = self.outcomes[id] = _outcome(answers.get(id))
+                entry = plan.entry(id)
+                if not isinstance(outcome, Exception):
+                    entry.written(outcome, payload)
+                elif not isinstance(outcome, _ResourceConflict):
+                    # The server checks revisions first: it would have
+                    # answered a conflict had it applied an earlier write.
+                    entry.sent = None
+
+    def post(self, plan, batch):
+        """The answer rows of one ``POST _bulk_docs``. A request whose
+        answer was lost makes the outcome of its documents unknown (their
+        `sent`), and is sent once more, as python-couchdb would retry it;
+        the server then answers a conflict for what it had applied, which
+        `settle` recognises."""
+        _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
+        for retry in (True, False):
+            try:
+                return self.resource.post_json(
+                    '_bulk_docs', body={'docs': batch})[2]
+            except Exception as exc:
+                if not _never_sent(exc):
+                    for payload in batch:
+                        plan.entry(payload['_id']).sent = _plain(payload)
+                if not (retry and _retryable(exc)):
+                    raise
+
+    def look_up_revisions(self, plan, payloads):
+        """Fill in the ``_rev`` of deletions (and re-creations) of documents
+        the session never fetched, with one ``POST _all_docs``."""
+        ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
+        if not ids:
+            return
+        revs = {}
+        for row in self.session.db.view('_all_docs', keys=ids):
+            value = row.get('value') or {}
+            if 'error' not in row and not value.get('deleted'):
+                revs[row['id']] = value['rev']
+        for payload in payloads:
+            if payload.get('_rev') is not _LOOKUP:
+                continue
+            id = payload['_id']
+            # Kept in the entry too: a retry after a lost answer must send
+            # the same revision, to be recognised.
+            plan.entry(id).rev = revs.get(id)
+            if id in revs:
+                payload['_rev'] = revs[id]
+            else:
+                del payload['_rev']
+        for payload in list(payloads):
+            if payload.get('_deleted') and '_rev' not in payload:
+                payloads.remove(payload)
+                plan.gone[payload['_id']] = _ResourceNotFound(
+                    ('not_found', 'missing'))
+
+    # Attachments too large to go inline.
+
+    def upload(self, plan):
+        """PUT the large attachments of the documents written so far, one
+        streamed request each; each gives a new revision. A conflict is
+        recorded as the document's outcome, for `settle`."""
+        for entry in plan.uploads:
+            if isinstance(self.outcomes.get(entry.id), Exception) or \
+                    entry.pending is None:
+                continue
+            for filename, attachment in entry.large_attachments(
+                    self.inline_limit):
+                outcome = self.outcomes[entry.id] = self.upload_one(
+                    entry, filename, attachment)
+                if isinstance(outcome, Exception):
+                    break
+
+    def upload_one(self, entry, filename, attachment):
+        """PUT one attachment: the new revision, or the exception of the
+        refusal."""
+        try:
+            answer = self.put(entry, filename, attachment)
+        except _ResourceConflict as exc:
+            if attachment.unknown:
+                # An earlier PUT of it may have reached the server.
+                rev, theirs = self.current([entry.id]).get(
+                    entry.id, (None, None))
+                if attachment.is_on(theirs, filename):
+                    entry.uploaded(filename, rev, attachment)
+                    return rev
+            return exc
+        except _HTTPError as exc:
+            return exc
+        entry.uploaded(filename, answer['rev'], attachment)
+        return answer['rev']
+
+    def put(self, entry, filename, attachment):
+        """``PUT /db/id/filename?rev=...``, streamed; sent a second time,
+        from the start of the content, when the answer is lost, as
+        python-couchdb would retry it (which would read a streamed file on
+        from where the failed attempt left it)."""
+        for retry in (True, False):
+            try:
+                return self.resource(*_path_of(entry.id)).put_json(
+                    filename, body=attachment.stream(),
+                    headers={'Content-Type': attachment.content_type},
+                    rev=entry.subject.get('_rev'))[2]
+            except Exception as exc:
+                if isinstance(exc, _HTTPError):
+                    raise
+                if not _never_sent(exc):
+                    attachment.unknown = True
+                if not (retry and _retryable(exc)):
+                    raise
+
+    # Conflicts: one path for bulk writes and uploads.
+
+    def current(self, ids):
+        """``{id: (rev, document or None if deleted)}`` of the server's
+        current versions, in one ``POST _all_docs?include_docs=true``; an id
+        the server never had is left out."""
+        current = {}
+        for row in self.session.db.view('_all_docs', keys=ids,
+                                        include_docs=True):
+            if 'error' in row:
+                continue
+            deleted = row['value'].get('deleted')
+            current[row['id']] = (row['value']['rev'],
+                                  None if deleted else row['doc'])
+        return current
+
+    def resolve(self, plan, ids):
+        """Settle the conflicts of ``ids`` with one read: record in
+        `outcomes` what became of each (`_RESEND` for those sent again), and
+        return the payloads to send again."""
+        if self.on_conflict == 'raise':
+            # Only an unknown outcome can turn out to be no conflict.
+            ids = [id for id in ids if plan.entry(id).sent is not None]
+            if not ids:
+                return []
+        current = self.current(ids)
         resend = []
         for id in ids:
-            entry = self.plan.entry(id)
+            entry = plan.entry(id)
             rev, theirs = current.get(id, (None, None))
             outcome = self.settle(entry, rev, theirs)
             if outcome is _RESEND:
-                resend.append(entry.payload(self.plan.inline_limit))
-            elif outcome is not None:
-                outcomes[id] = outcome
+                resend.append(entry.payload(self.inline_limit))
+            if outcome is not None:
+                self.outcomes[id] = outcome
         return resend
 
     def settle(self, entry, rev, theirs):
         """The new outcome for ``entry`` given the server's ``theirs`` at
-        ``rev``: a revision (written), an exception (refused), `_RESEND`,
-        or ``None`` to keep the conflict."""
-        if entry.state is _DELETED and theirs is None:
-            entry.forget()              # deleted already: nothing to do
-            return rev if rev is not None else _ResourceNotFound(
-                ('not_found', 'missing'))
-        if theirs is not None and entry.state is not _DELETED:
-            if entry.attempt is not None and \
-                    _same_write(entry.attempt, theirs):
-                entry.written(rev, entry.attempt)   # answer lost
+        ``rev`` (``None`` if deleted or missing): a revision (settled), an
+        exception (refused), `_RESEND`, or ``None`` to keep the conflict."""
+        mine = None if entry.state is _DELETED else entry.subject
+        if entry.sent is not None and _same_write(entry.sent, theirs):
+            # The earlier write whose answer was lost reached the server.
+            if _same(_plain(entry.payload(self.inline_limit)), entry.sent):
+                if mine is None:
+                    entry.forget()
+                else:
+                    entry.written(rev, entry.sent)
                 return rev
-            if entry.sent is not None and _same_write(entry.sent, theirs):
-                # An earlier flush's write reached the server: write the
-                # changes made since over it.
-                entry.rebase(entry.subject, rev, theirs)
-                return _RESEND
+            # It is the base of what was changed since.
+            return self.settle_on(entry, mine, rev, theirs)
         if self.on_conflict == 'raise':
             return None
-        mine = None if entry.state is _DELETED else entry.subject
         base = entry.merge_base()
         if self.on_conflict == 'overwrite':
             content = mine
@@ -2071,6 +2090,7 @@ class _Resolver(object):
             try:
                 content = _merge_documents(base, mine, theirs,
                                            entry.state is _NEW)
+                _check_attachments(base, theirs, entry.attachments)
             except _MergeConflict as conflict:
                 return _ResourceConflict(('conflict', str(conflict)))
         else:
@@ -2083,20 +2103,85 @@ class _Resolver(object):
                 _check_json(entry.id, _copy_in(content))
             except (TypeError, ValueError) as exc:
                 return exc
+        return self.settle_on(entry, content, rev, theirs)
+
+    def settle_on(self, entry, content, rev, theirs):
+        """Make ``content`` (``None`` for a deletion) what ``entry`` writes
+        over the server's ``theirs`` at ``rev``: settled at once when the
+        server has it already, else `_RESEND`."""
         if content is None or content.get('_deleted'):
             if theirs is None:
-                entry.forget()
-                return rev
+                entry.forget()          # deleted on the server already
+                return rev if rev is not None else _ResourceNotFound(
+                    ('not_found', 'missing'))
             entry.delete(rev)
-        elif theirs is not None and _same(_content(content), _content(theirs)) \
-                and not entry.inline_attachments(self.plan.inline_limit):
-            entry.rebase(theirs, rev, theirs)   # the server has it already
-            entry.clean()
+            return _RESEND
+        there = theirs is not None and \
+            _same(_content(content), _content(theirs))
+        # Over a deletion, CouchDB takes a document without ``_rev`` (it
+        # extends the deleted branch) and refuses one with the old one.
+        entry.rebase(content, rev if theirs is not None else None, theirs)
+        if there and not entry.inline_attachments(self.inline_limit):
+            entry.clean()               # the server has it already
             return rev
-        else:
-            entry.rebase(content, rev, theirs)
         return _RESEND
 
+
+def _without_retries(resource):
+    """A resource for ``resource``'s URL through an HTTP session of its own
+    that does not retry by itself: `_Flush` retries writes itself, to know
+    which outcomes are unknown."""
+    timeout = getattr(resource.session, '_timeout', None)
+    writes = _Resource(resource.url, _HTTPSession(timeout=timeout,
+                                                  retryable_errors=()))
+    writes.credentials = resource.credentials
+    writes.headers = dict(resource.headers)
+    return writes
+
+
+def _path_of(id):
+    """The path segments of document ``id`` (a design document's name is
+    its own segment)."""
+    if id.startswith('_design/'):
+        return '_design', id[len('_design/'):]
+    return (id,)
+
+
+def _retryable(exc):
+    """Whether python-couchdb would send the request again after ``exc``."""
+    return isinstance(exc, OSError) and bool(exc.args) and \
+        exc.args[0] in _RETRYABLE_ERRORS
+
+
+def _never_sent(exc):
+    """Whether ``exc`` proves the request never reached the server (the
+    connection was refused)."""
+    return isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, OSError) and exc.args[:1] == (_errno.ECONNREFUSED,))
+
+
+_ROW_ERRORS = {
+    'conflict': _ResourceConflict,
+    'forbidden': _Forbidden,
+    'unauthorized': _Unauthorized,
+    'not_found': _ResourceNotFound,
+}
+
+
+def _outcome(row):
+    """The new revision of a ``_bulk_docs`` answer row, or the exception
+    (python-couchdb's, holding ``(error, reason)``) for a refused one."""
+    if row is None:
+        return _ServerError(('no_answer', 'the server did not answer for '
+                             'this document'))
+    if 'error' in row:
+        cls = _ROW_ERRORS.get(row['error'], _ServerError)
+        return cls((row['error'], row.get('reason')))
+    return row['rev']
+
+
+
+# -- Conflicts ----------------------------------------------------------------
 
 class _MergeConflict(Exception):
     """A change a three-way merge cannot settle (private)."""
@@ -2112,8 +2197,11 @@ def _content(document, leave_out=('_rev',)):
 
 
 def _same_write(sent, theirs):
-    """Whether the server's version ``theirs`` is the document ``sent``
-    (attachments sent inline compare by name, type and length)."""
+    """Whether the server's version ``theirs`` (``None`` if deleted) is the
+    document ``sent`` (attachments sent inline compare by name, type and
+    length)."""
+    if sent.get('_deleted') or theirs is None:
+        return bool(sent.get('_deleted')) and theirs is None
     mine = sent.get('_attachments') or {}
     stubs = theirs.get('_attachments') or {}
     if set(mine) != set(stubs):
@@ -2145,6 +2233,34 @@ def _merge_documents(base, mine, theirs, new):
         raise _MergeConflict('deleted on one side and changed on the other')
     merged = _merge(_content(base), _content(mine), _content(theirs), '')
     return _plain(merged)
+
+
+def _check_attachments(base, theirs, changes):
+    """Raise `_MergeConflict` if the server's version ``theirs`` changed an
+    attachment since ``base`` that the session changes too (``changes``:
+    {filename: attachment to put, or None to delete})."""
+    if not changes or theirs is None:
+        return
+    base = base or {}
+    before = base.get('_attachments') or {}
+    after = theirs.get('_attachments') or {}
+    # A stub's revpos is the generation that last wrote the attachment.
+    generation = _generation(base.get('_rev'))
+    for filename, attachment in changes.items():
+        stub = after.get(filename)
+        if stub is None:
+            changed = filename in before and attachment is not None
+        else:
+            changed = filename not in before or \
+                stub.get('revpos', generation + 1) > generation
+        if changed:
+            raise _MergeConflict('both sides changed the attachment %r'
+                                 % filename)
+
+
+def _generation(rev):
+    """The number before the dash of a revision; 0 for none."""
+    return int(rev.split('-', 1)[0]) if rev else 0
 
 
 def _merge(base, mine, theirs, path):

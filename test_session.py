@@ -4080,7 +4080,12 @@ def test_another_writers_attachment_of_the_same_size_is_not_taken_for_ours(
         S.flush()
     assert isinstance(caught.value.failures['d'], couchdb.ResourceConflict)
     assert S.get_attachment('d', 'f.bin').read() == b'MINE-MINE'
-    S.flush(on_conflict='merge')
+    # Both sides replaced f.bin: 'merge' reports it, 'overwrite' writes ours.
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert "attachment 'f.bin'" in str(caught.value.failures['d'])
+    assert db.get_attachment('d', 'f.bin').read() == b'THEIRS-XX'
+    S.flush(on_conflict='overwrite')
     assert db.get_attachment('d', 'f.bin').read() == b'MINE-MINE'
 
 
