@@ -1117,10 +1117,12 @@ class _TrackedList(_Tracked):
         return _wrap(value, _entry_of(self), self, index)
 
     def __iter__(self):
+        # Lazy, as a list's own iterator is: items removed or added while
+        # iterating change what comes next, as they would in a plain list.
         entry = _entry_of(self)
-        return iter([value if type(value) in _JSON_LEAVES else
-                     _wrap(value, entry, self, index)
-                     for index, value in enumerate(_subject_of(self))])
+        return (value if type(value) in _JSON_LEAVES else
+                _wrap(value, entry, self, index)
+                for index, value in enumerate(_subject_of(self)))
 
     def __reversed__(self):
         return reversed(list(self))
@@ -1244,10 +1246,68 @@ def _wrap(value, entry, parent, key):
 
 
 class _TrackedDocument(_TrackedDict):
-    """A tracked `couchdb.Document`: a whole document."""
+    """A tracked `couchdb.Document`: a whole document.
+
+    Its ``_id`` is fixed: the session writes the document under the id it
+    was read or created with, so a change of it is refused at once, and
+    `clear` keeps ``_id`` and ``_rev``.
+    """
 
     __slots__ = ()
     __class__ = _Document
+
+    def __setitem__(self, key, value):
+        if key == '_id':
+            self._check_id(value)
+        _TrackedDict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        if key == '_id':
+            self._check_id(_MISSING)
+        _TrackedDict.__delitem__(self, key)
+
+    def pop(self, key, *default):
+        if key == '_id':
+            self._check_id(_MISSING)
+        return _TrackedDict.pop(self, key, *default)
+
+    def popitem(self):
+        subject = _subject_of(self)
+        for key in reversed(subject):
+            if key not in _IDENTITY:
+                return key, self.pop(key)
+        raise KeyError('popitem(): the document holds only its _id and _rev')
+
+    def update(self, *args, **kwargs):
+        values = dict(*args, **kwargs)
+        if '_id' in values:
+            self._check_id(values['_id'])
+        _TrackedDict.update(self, values)
+
+    def clear(self):
+        subject = _subject_of(self)
+        kept = [(key, subject[key]) for key in _IDENTITY if key in subject]
+        if len(subject) > len(kept):
+            self._touch()
+            subject.clear()
+            subject.update(kept)
+
+    def _check_id(self, value):
+        id = _subject_of(self).get('_id')
+        if value != id:
+            raise ValueError(
+                'document %r: its _id cannot change (asked for %s); the '
+                'session writes it under the id it has. To move it, create '
+                'a document with the new id and delete this one.'
+                % (id, 'removal' if value is _MISSING else repr(value)))
+
+    def __reduce_ex__(self, protocol):
+        # Pickles (and copies) as a plain `couchdb.Document`.
+        return _Document, (_plain(_subject_of(self)),)
+
+
+# What `clear` keeps of a document.
+_IDENTITY = ('_id', '_rev')
 
 
 def _root(document, entry):
@@ -1422,13 +1482,13 @@ class _Entry(object):
 
     def hold(self, document):
         """Make ``document`` (the session's own copy) the content of this
-        entry's document; the object handed out stays the same."""
+        entry's document. The object handed out stays the same, and so do
+        its dicts and lists that are still in place: references the user
+        kept to them stay live."""
         if self.doc is None:
             self.doc = _root(document, self)
         else:
-            subject = self.subject
-            subject.clear()
-            subject.update(document)
+            _graft(self.subject, document)
 
     def replace(self, content):
         """Give the document new content, keeping the object."""
@@ -1536,6 +1596,52 @@ class _Entry(object):
         self.copies = self.marked = None
         if self.state is not _DELETED:
             self.state = _CLEAN
+
+
+def _graft(target, source):
+    """Make the dict or list ``target`` equal to ``source`` (plain, and no
+    longer used by anyone else), keeping each dict and list of ``target``
+    that ``source`` still has in the same place: a dict under the same key,
+    a list item at the same index (or, when the list's length changed, an
+    equal item in the same order)."""
+    work = [(target, source)]
+    while work:
+        old, new = work.pop()
+        if type(old) is list:
+            pairs = [(old[i] if i is not None else _MISSING, value)
+                     for i, value in _paired_items(old, new)]
+            old[:] = [value if kept is _MISSING else kept
+                      for kept, value in pairs]
+            places = [(old, index, kept, value)
+                      for index, (kept, value) in enumerate(pairs)
+                      if kept is not _MISSING]
+        else:
+            for key in [key for key in old if key not in new]:
+                del old[key]
+            places = [(old, key, old.get(key, _MISSING), value)
+                      for key, value in new.items()]
+        for container, key, mine, value in places:
+            if type(mine) is type(value) and type(value) in _CONTAINERS:
+                work.append((mine, value))
+            else:
+                container[key] = value
+
+
+def _paired_items(old, new):
+    """``[(index in old or None, item of new)]``: which item of list
+    ``old`` each item of ``new`` keeps (see `_graft`)."""
+    if len(old) == len(new):
+        return list(enumerate(new))
+    pairs, start = [], 0
+    for value in new:
+        found = None
+        if type(value) in _CONTAINERS:
+            for i in range(start, len(old)):
+                if _same(old[i], value):
+                    found, start = i, i + 1
+                    break
+        pairs.append((found, value))
+    return pairs
 
 
 class _Attachment(object):

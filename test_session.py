@@ -3303,6 +3303,271 @@ def test_setitem_of_a_deleted_document_brings_it_back(db):
     assert stored(db, 'a') == {'_id': 'a', 'v': 1}
 
 
+# -- Nothing lost, in any order: one test per class of defect -----------------
+#
+# Each class below was once a way to lose or double a user's change; the
+# tests are named for the behaviour that replaced it, and reach it through
+# every path that settles a document (plain write, merge, overwrite, a
+# resolver function, a recognised lost answer, a refresh).
+
+def bump(mine, theirs, base):
+    """A resolver function for counters: their count plus my increment."""
+    return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
+
+
+def two_sessions_on_a_counter(db, **options):
+    """Sessions S1 and S2 that each add 1 to the counter read at n == 0;
+    S1 has flushed."""
+    put(db, 'counter', n=0)
+    S1, S2 = Session(db, **options), Session(db, **options)
+    S1['counter']['n'] += 1
+    S2['counter']['n'] += 1
+    S1.flush()
+    return S1, S2
+
+
+def test_a_plain_conflict_with_the_same_value_is_reported_not_taken(db):
+    """Two sessions add 1 to one counter: the second flush's 409 came with
+    its answer, so the server holding n == 1 is the other session's write,
+    not this one's: 'raise' reports it and keeps the change."""
+    _, S2 = two_sessions_on_a_counter(db)
+    with pytest.raises(FlushError) as caught:
+        S2.flush()
+    assert isinstance(caught.value.failures['counter'],
+                      couchdb.ResourceConflict)
+    assert content(db, 'counter') == {'n': 1}
+    assert S2.has_changes()
+
+
+def test_a_resolver_function_is_called_for_a_plain_conflict(db):
+    """The resolver function decides a plain conflict, even when the server
+    holds what the session would write."""
+    calls = []
+
+    def resolve(mine, theirs, base):
+        calls.append((mine['n'], theirs['n'], base['n']))
+        return bump(mine, theirs, base)
+
+    _, S2 = two_sessions_on_a_counter(db)
+    S2.flush(on_conflict=resolve)
+    assert calls == [(1, 1, 0)]
+    assert content(db, 'counter') == {'n': 2}
+    assert S2['counter']['n'] == 2 and not S2.has_changes()
+
+
+def test_an_identical_upload_by_another_writer_is_a_conflict(db):
+    """Another writer uploads the very bytes the session uploads: the PUT's
+    409 came with its answer, so it is a conflict, not the session's own."""
+    put(db, 'd', v=1)
+    S = Session(db, max_inline_attachment=4)
+    S.put_attachment(S['d'], b'same bytes', 'f.bin')
+    db.put_attachment(db['d'], b'same bytes', 'f.bin',
+                      'application/octet-stream')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['d'], couchdb.ResourceConflict)
+    assert S.has_changes()
+
+
+def settle_a_conflict(db, forwarder, remote, path):
+    """A session whose document 'a' (with children ``tags`` and ``meta``,
+    kept by the caller) is settled by a flush along ``path``; returns the
+    session and the kept children."""
+    put(db, 'a', v=0, tags=['t'], meta={'k': 0})
+    S = Session(remote)
+    doc = S['a']
+    tags, meta = doc['tags'], doc['meta']
+    doc['v'] = 1
+    if path == 'lost answer':
+        forwarder.fail('drop_answer', when=is_bulk_docs, times=1)
+        S.flush()
+    elif path == 'refresh':
+        change(db, 'a', theirs=1)
+        with pytest.raises(FlushError):
+            S.flush()
+        S.refresh(doc)
+    else:
+        change(db, 'a', theirs=1)
+        policy = {'merge': 'merge', 'overwrite': 'overwrite',
+                  'function': lambda mine, theirs, base: dict(
+                      theirs, v=mine['v'])}[path]
+        S.flush(on_conflict=policy)
+    assert not S.has_changes()
+    return S, doc, tags, meta
+
+
+@pytest.mark.parametrize('path', ['merge', 'overwrite', 'function',
+                                  'lost answer', 'refresh'])
+def test_references_stay_live_after_a_flush_settles_the_document(
+        db, forwarder, remote, path):
+    """Children kept from before a flush that settled their document stay
+    part of it: changes through them are tracked and written."""
+    S, doc, tags, meta = settle_a_conflict(db, forwarder, remote, path)
+    tags.append('x')
+    meta['k'] = 2
+    assert S.has_changes()
+    assert doc['tags'] == ['t', 'x'] and doc['meta'] == {'k': 2}
+    S.flush()
+    assert db['a']['tags'] == ['t', 'x'] and db['a']['meta'] == {'k': 2}
+
+
+def test_merge_reports_an_inline_attachment_both_sides_replaced(db):
+    """The session and another writer both replace a small attachment:
+    'merge' reports a conflict naming it and writes nothing."""
+    put_with_attachments(db, 'a', {'f.txt': b'base'}, v=0)
+    S = Session(db)
+    S.put_attachment(S['a'], b'mine', 'f.txt')
+    db.put_attachment(db['a'], b'theirs', 'f.txt')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert "attachment 'f.txt'" in str(caught.value.failures['a'])
+    assert on_server(db, 'a', 'f.txt') == b'theirs'
+    assert S.get_attachment('a', 'f.txt').read() == b'mine'
+
+
+def test_merge_reports_an_attachment_deleted_on_one_side_replaced_on_the_other(
+        db):
+    """Deleting an attachment the other writer replaced is a conflict too."""
+    put_with_attachments(db, 'a', {'f.txt': b'base'}, v=0)
+    S = Session(db)
+    S.delete_attachment(S['a'], 'f.txt')
+    db.put_attachment(db['a'], b'theirs', 'f.txt')
+    with pytest.raises(FlushError):
+        S.flush(on_conflict='merge')
+    assert on_server(db, 'a', 'f.txt') == b'theirs'
+
+
+def lose_the_answer(S, forwarder):
+    """Flush ``S`` with the answer of its bulk request (and of the retry)
+    lost: the server applied it, the session cannot know."""
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge'])
+def test_deleting_after_a_lost_answer_deletes(db, remote, forwarder, policy):
+    """An edit whose answer was lost, then ``del S[id]``: the deletion goes
+    on top of the session's own write, with no conflict."""
+    put(db, 'a', v=0)
+    S = Session(remote, on_conflict=policy)
+    S['a']['v'] = 1
+    lose_the_answer(S, forwarder)
+    assert content(db, 'a') == {'v': 1}
+    del S['a']
+    S.flush()
+    assert db.get('a') is None and not S.has_changes()
+
+
+def test_recreating_after_a_lost_deletion_creates(db, remote, forwarder):
+    """A deletion whose answer was lost, then ``S[id] = ...``: the new
+    content is written over the session's own deletion."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    del S['a']
+    lose_the_answer(S, forwarder)
+    assert db.get('a') is None
+    S['a'] = {'v': 'new'}
+    S.flush()
+    assert content(db, 'a') == {'v': 'new'} and not S.has_changes()
+
+
+def test_a_change_reverted_after_a_lost_answer_still_has_changes(
+        db, remote, forwarder):
+    """After a lost answer, reverting the change leaves work to do (the
+    server may hold the change), and flush writes the revert."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    S['a']['v'] = 1
+    lose_the_answer(S, forwarder)
+    S['a']['v'] = 0
+    assert S.has_changes()
+    S.flush()
+    assert content(db, 'a') == {'v': 0} and not S.has_changes()
+
+
+def test_post_flush_hook_sees_batches_written_before_a_failure(
+        db, remote, forwarder):
+    """A flush split into batches whose second batch fails on the
+    connection: the post-flush hook has seen the first batch's documents."""
+    seen = []
+    S = Session(remote, post_flush_hook=lambda S, deleted, created, changed:
+                seen.extend(doc['_id'] for doc in created))
+    S.batch_size = 2
+    for id in 'abcd':
+        S.create({'_id': id})
+    posts = itertools.count()
+
+    def second_post(method, path):
+        return is_bulk_docs(method, path) and next(posts) >= 1
+
+    forwarder.fail('cut_before', when=second_post, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert sorted(seen) == ['a', 'b'] == user_docs(db)
+    S.flush()
+    assert sorted(seen) == ['a', 'b', 'c', 'd'] == user_docs(db)
+
+
+@pytest.mark.parametrize('change_id', [
+    lambda doc: doc.__setitem__('_id', 'other'),
+    lambda doc: doc.__delitem__('_id'),
+    lambda doc: doc.pop('_id'),
+    lambda doc: doc.update({'_id': 'other', 'v': 2}),
+], ids=['assign', 'del', 'pop', 'update'])
+def test_the_id_of_a_tracked_document_cannot_change(db, wire, change_id):
+    """A change of ``_id`` is refused at once, naming the document, and
+    changes nothing."""
+    put(db, 'a', v=1)
+    S = Session(db)
+    doc = S['a']
+    with pytest.raises(ValueError, match="document 'a'"):
+        change_id(doc)
+    assert doc['_id'] == 'a' and doc['v'] == 1 and not S.has_changes()
+
+
+def test_clear_keeps_id_and_rev_and_writes_no_stray(db):
+    """``doc.clear()`` empties the document under its own id and revision:
+    no random-id document is created."""
+    put(db, 'a', v=1, w=2)
+    S = Session(db)
+    doc = S['a']
+    rev = doc['_rev']
+    doc.clear()
+    assert dict(doc) == {'_id': 'a', '_rev': rev}
+    doc.update(x=3)
+    S.flush()
+    assert user_docs(db) == ['a'] and content(db, 'a') == {'x': 3}
+    assert doc['_id'] == 'a' and doc['_rev'] == db['a'].rev
+
+
+def test_removing_items_while_iterating_acts_like_a_plain_list(db):
+    """Iterating over a tracked list sees the removals made meanwhile, as a
+    plain list's iterator does."""
+    put(db, 'a', items=[1, 2, 2, 3, {'k': 1}, {'k': 1}])
+    S = Session(db)
+    tracked, plain = S['a']['items'], list(db['a']['items'])
+    for items in (tracked, plain):
+        for item in items:
+            if item == 2 or item == {'k': 1}:
+                items.remove(item)
+    assert tracked == plain
+    S.flush()
+    assert db['a']['items'] == plain
+
+
+def test_a_whole_document_pickles_as_a_plain_document(db):
+    """``pickle`` gives back a plain couchdb.Document equal to the tracked
+    one."""
+    import pickle
+    put(db, 'a', v=1, nested={'l': [1, {'x': 2}]})
+    doc = Session(db)['a']
+    copied = pickle.loads(pickle.dumps(doc))
+    assert type(copied) is couchdb.Document and copied == dict(doc)
+    assert pickle.loads(pickle.dumps(doc['nested'])) == {'l': [1, {'x': 2}]}
+
+
+
 # -- Attachments --------------------------------------------------------------
 #
 # `put_attachment` and `delete_attachment` are queued until `flush()`; small
