@@ -637,8 +637,11 @@ class Session(object):
         fetched and sends only real changes. A document with attachment
         changes is listed too.
         """
-        return [e.doc for e in self._pending.values()
-                if e.state is _DIRTY or e.state is _CLEAN]
+        entries = list(self._pending.values())
+        for entry in entries:
+            entry.sync()        # changes made through adopted values
+        return [e.doc for e in entries if e.state is _DIRTY or
+                (e.state is _CLEAN and e.attachments)]
 
     @property
     def deleted(self):
@@ -653,8 +656,8 @@ class Session(object):
         last write's answer was lost. No request is made."""
         # A document whose last write's answer was lost is sent again.
         return any(e.state is _NEW or e.state is _DELETED or e.attachments
-                   or e.sent is not None or (e.state is _DIRTY and e.diff())
-                   for e in self._pending.values())
+                   or e.sent is not None or e.diff()
+                   for e in list(self._pending.values()))
 
     def expunge(self, doc_or_id):
         """Stop tracking a document: forget it and anything pending for it.
@@ -926,25 +929,28 @@ class _Tracked(_ObjectWrapper):
         if id(subject) in copies:
             return
         copies[id(subject)] = (subject, subject.copy())
-        # Mark the way from the root down here, for diffs to follow: each
-        # dict or list on it, with the keys of its marked children.
-        marked = entry.marked
-        key, proxy = None, self
-        while True:
-            subject = _subject_of(proxy)
-            mark = marked.get(id(subject))
-            if mark is not None:
-                if key is not None:
-                    mark[1].add(key)
-                return
-            marked[id(subject)] = (subject, set() if key is None else {key})
-            parent = _parent_of(proxy)
-            if parent is None:
-                return
-            key = _place(_subject_of(parent), _key_of(proxy), subject)
-            if key is _MISSING:
-                return      # taken out of the document: not its change
-            proxy = parent
+        _mark(entry.marked, self)
+
+    def _own(self, value, key):
+        """``value``, about to be stored at ``key``, as the document's own.
+
+        A plain dict or list from outside the session's documents becomes
+        part of the document itself, as it would in a plain dict: the
+        entry adopts it, and finds the changes made later through the
+        user's references to it (see `_Entry.sync`). A tracked value, or
+        one this document holds already, is stored as a plain deep copy:
+        documents are JSON trees.
+        """
+        kind = type(value)
+        if kind in _JSON_LEAVES:
+            return value
+        entry = _entry_of(self)
+        if (kind is not dict and kind is not list) or \
+                entry.pending is None or entry.owns(value):
+            return _plain(value)
+        _make_plain(value)
+        entry.adopt(value, _wrap(value, entry, self, key))
+        return value
 
     def copy(self):
         """A plain deep copy (a shallow one would let untracked aliases of
@@ -960,6 +966,60 @@ class _Tracked(_ObjectWrapper):
     def __reduce_ex__(self, protocol):
         # Pickles (and copies) as the plain value.
         return _plain(_subject_of(self)).__reduce_ex__(protocol)
+
+
+def _mark(marked, proxy):
+    """Mark the way from the root of a document down to ``proxy``, for
+    diffs to follow: each dict or list on it, with the keys of its marked
+    children (see `_Entry`)."""
+    key = None
+    while True:
+        subject = _subject_of(proxy)
+        mark = marked.get(id(subject))
+        if mark is not None:
+            if key is not None:
+                mark[1].add(key)
+            return
+        marked[id(subject)] = (subject, set() if key is None else {key})
+        parent = _parent_of(proxy)
+        if parent is None:
+            return
+        key = _place(_subject_of(parent), _key_of(proxy), subject)
+        if key is _MISSING:
+            return      # taken out of the document: not its change
+        proxy = parent
+
+
+def _in_place(proxy, root):
+    """Whether the dict or list of ``proxy`` is still where it was read,
+    in the document whose subject is ``root``."""
+    while True:
+        parent = _parent_of(proxy)
+        if parent is None:
+            return _subject_of(proxy) is root
+        if _place(_subject_of(parent), _key_of(proxy),
+                  _subject_of(proxy)) is _MISSING:
+            return False
+        proxy = parent
+
+
+def _make_plain(value):
+    """Turn what a plain dict or list about to be adopted holds into plain
+    dicts, lists and scalars, in place: tracked values and tuples become
+    plain copies; plain dicts and lists inside it stay themselves."""
+    work = [value]
+    while work:
+        container = work.pop()
+        items = container.items() if type(container) is dict else \
+            enumerate(container)
+        for key, item in list(items):
+            kind = type(item)
+            if kind in _JSON_LEAVES:
+                continue
+            if kind is dict or kind is list:
+                work.append(item)
+            elif isinstance(item, (dict, list, tuple)):
+                container[key] = _plain(item)
 
 
 _entry_of = _Tracked._entry.__get__
@@ -1019,8 +1079,9 @@ class _TrackedDict(_Tracked):
         subject = _subject_of(self)
         if _is_child(value, subject.get(key, _MISSING)):
             return      # d[k] = d[k], and the store of d[k] += ...
+        value = self._own(value, key)
         self._touch()
-        subject[key] = _plain(value)
+        subject[key] = value
 
     def __delitem__(self, key):
         subject = _subject_of(self)
@@ -1032,12 +1093,14 @@ class _TrackedDict(_Tracked):
     def setdefault(self, key, default=None):
         subject = _subject_of(self)
         if key not in subject:
+            default = self._own(default, key)
             self._touch()
-            subject[key] = _plain(default)
+            subject[key] = default
         return _wrap(subject[key], _entry_of(self), self, key)
 
     def update(self, *args, **kwargs):
-        values = _plain(dict(*args, **kwargs))
+        values = dict((key, self._own(value, key)) for key, value
+                      in dict(*args, **kwargs).items())
         if values:
             self._touch()
             _subject_of(self).update(values)
@@ -1147,11 +1210,11 @@ class _TrackedList(_Tracked):
     def __setitem__(self, index, value):
         subject = _subject_of(self)
         if isinstance(index, slice):
-            value = [_plain(item) for item in value]
+            value = [self._own(item, None) for item in value]
         elif _is_child(value, subject[index]):
             return      # l[i] = l[i], and the store of l[i] += ...
         else:
-            value = _plain(value)
+            value = self._own(value, index)
         self._touch()
         subject[index] = value
 
@@ -1160,11 +1223,13 @@ class _TrackedList(_Tracked):
         del _subject_of(self)[index]
 
     def append(self, value):
+        subject = _subject_of(self)
+        value = self._own(value, len(subject))
         self._touch()
-        _subject_of(self).append(_plain(value))
+        subject.append(value)
 
     def extend(self, values):
-        values = [_plain(item) for item in values]
+        values = [self._own(item, None) for item in values]
         self._touch()
         _subject_of(self).extend(values)
 
@@ -1184,8 +1249,9 @@ class _TrackedList(_Tracked):
         return self
 
     def insert(self, index, value):
+        value = self._own(value, None)
         self._touch()
-        _subject_of(self).insert(index, _plain(value))
+        _subject_of(self).insert(index, value)
 
     def pop(self, index=-1):
         self._touch()
@@ -1217,7 +1283,8 @@ def _place(container, key, child):
     unless list items moved since; `_MISSING` if it was taken out."""
     if isinstance(container, dict):
         return key if container.get(key, _MISSING) is child else _MISSING
-    if key < len(container) and container[key] is child:
+    if key is not None and 0 <= key < len(container) and \
+            container[key] is child:
         return key
     for index, item in enumerate(container):
         if item is child:
@@ -1341,7 +1408,7 @@ class _Entry(object):
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
                  'pending', 'entries', 'sent', 'attachments',
-                 'digests')
+                 'digests', 'adopted')
 
     def __init__(self, id, document, state, pending, base=None, rev=None):
         self.id = id
@@ -1372,6 +1439,12 @@ class _Entry(object):
         self.sent = None
         # {filename: _Attachment to put, or None to delete} until written.
         self.attachments = {}
+        # [[dict or list, its proxy, a deep copy or None]] of the plain
+        # values the user stored in the document (see `_Tracked._own`):
+        # the user may change them through their own references, which no
+        # proxy sees, so they are compared with the copy taken when the
+        # document was last clean (`sync`). None when there are none.
+        self.adopted = None
         # {filename: MD5 digest} of attachments this session wrote. PouchDB
         # Server finds a stub's attachment by its digest; the session's
         # stubs show none (CouchDB computes a different one for compressible
@@ -1389,8 +1462,43 @@ class _Entry(object):
             self.state = _DIRTY
             self.pending[self.id] = self
 
+    def adopt(self, value, proxy):
+        """``value``, a plain dict or list of the user's, becomes part of
+        the document at the place of ``proxy``."""
+        if self.adopted is None:
+            self.adopted = []
+        self.adopted.append([value, proxy, None])
+
+    def owns(self, value):
+        """Whether ``value`` is one the document adopted already."""
+        return self.adopted is not None and \
+            any(record[0] is value for record in self.adopted)
+
+    def sync(self):
+        """Make the changes made to adopted values through the user's own
+        references visible to diffs: a clean document whose adopted value
+        differs from its copy becomes dirty, and a dirty one diffs each
+        adopted value against its copy."""
+        if not self.adopted or self.state is _DELETED:
+            return
+        for record in list(self.adopted):
+            value, proxy, before = record
+            if not _in_place(proxy, self.subject):
+                self.adopted.remove(record)
+                continue
+            if before is None or (self.state is _CLEAN and
+                                  _same(value, before)):
+                continue        # stored since the base: diffed in full
+            if self.state is _CLEAN:
+                self.touch()
+            if self.copies is not None and \
+                    self.copies.get(id(value), (None, None))[1] is not before:
+                self.copies[id(value)] = (value, before)
+                _mark(self.marked, proxy)
+
     def diff(self):
         ops = []
+        self.sync()
         if self.state is _CLEAN:
             return ops
         try:
@@ -1532,11 +1640,20 @@ class _Entry(object):
 
     def clean(self):
         """The document equals its base: nothing to write (but attachments
-        may wait for their upload)."""
+        may wait for their upload, and adopted values stay watched)."""
         self.state = _CLEAN
         self.base = self.copies = self.marked = None
         self.rev = self.sent = None
-        if not self.attachments:
+        if self.adopted:
+            # What the server has now is what later changes are found
+            # against.
+            kept = []
+            for value, proxy, _ in self.adopted:
+                if _in_place(proxy, self.subject):
+                    _make_plain(value)
+                    kept.append([value, proxy, _plain(value)])
+            self.adopted = kept
+        if not self.attachments and not self.adopted:
             self.pending.pop(self.id, None)
 
     def written(self, rev, payload):
@@ -1593,7 +1710,7 @@ class _Entry(object):
                     self.entries.get(self.id) is self:
                 del self.entries[self.id]
         self.pending = self.entries = None
-        self.copies = self.marked = None
+        self.copies = self.marked = self.adopted = None
         if self.state is not _DELETED:
             self.state = _CLEAN
 

@@ -730,19 +730,26 @@ def test_slice_read_is_a_copy(db):
 
 
 def test_values_put_in_are_tracked_from_then_on(db):
-    """A dict or list stored in a document is tracked, also after a
-    flush; the session stores a copy."""
+    """A plain dict or list stored in a document becomes part of it: changes
+    through the document and through the user's own reference are tracked,
+    before and after a flush."""
     put(db, 'doc')
     S = Session(db)
     doc = S['doc']
     value = {'tags': []}
     doc['new'] = value
-    value['tags'].append('outside')        # the session holds a copy
+    value['tags'].append('outside')        # the document's own now
     S.flush()
+    assert db['doc']['new'] == {'tags': ['outside']}
     doc['new']['tags'].append('inside')
     assert S.dirty == [doc]
     S.flush()
-    assert db['doc']['new'] == {'tags': ['inside']}
+    assert db['doc']['new'] == {'tags': ['outside', 'inside']}
+    value['after'] = True
+    assert S.dirty == [doc] and S.diff(doc) == [
+        {'op': 'add', 'path': '/new/after', 'value': True}]
+    S.flush()
+    assert db['doc']['new'] == {'tags': ['outside', 'inside'], 'after': True}
 
 
 def test_created_documents_stay_tracked_after_flush(db):
@@ -1507,6 +1514,13 @@ class Mirror(object):
         assert same(got, expected), text
         return got
 
+    def share(self, stored, model):
+        """Change a fresh value the caller stored (and the model's copy of
+        it) through the caller's reference: a plain value stored in a
+        document is the document's own, so the document must see it."""
+        vandalize(stored)
+        vandalize(model)
+
     def apply_and_vandalize(self, text, on_tracked, on_plain, part=None):
         """`apply` a change that takes a value out of the document, then
         change that value on both sides: the document must not see it.
@@ -1543,7 +1557,7 @@ class Mirror(object):
                 p[k] = vp
             self.apply('%s[%r] = %r' % (expr, k, vp), on_tracked, on_plain)
             if source is None:
-                vandalize(vt)
+                self.share(vt, vp)
             elif source is old:
                 self.forget_within(old)
         elif op == 'del':
@@ -1561,7 +1575,7 @@ class Mirror(object):
                 k = self.key(h)
                 mt[k], mp[k], source = self.value()
                 if source is None:
-                    fresh.append(mt[k])
+                    fresh.append((k, mt[k], mp[k]))
             if op == '|=':
                 self.apply('%s |= %r' % (expr, mp),
                            lambda: ior(t, mt) is t,
@@ -1576,16 +1590,21 @@ class Mirror(object):
                     on_tracked = lambda: t.update(**mt)  # noqa: E731
                 self.apply('%s.update(%r) (as %s)' % (expr, mp, form),
                            on_tracked, lambda: p.update(mp))
-            for v in fresh:
-                vandalize(v)
+            for k, stored, model in fresh:
+                if p.get(k) is model:       # not overwritten by a later one
+                    self.share(stored, model)
+                else:
+                    vandalize(stored)
         elif op == 'setdefault':
             k = self.key(h)
             vt, vp, source = self.value()
             got = self.apply('%s.setdefault(%r, %r)' % (expr, k, vp),
                              lambda: t.setdefault(k, vt),
                              lambda: p.setdefault(k, vp))
-            if source is None:
-                vandalize(vt)
+            if source is None and p[k] is vp:
+                self.share(vt, vp)
+            elif source is None:
+                vandalize(vt)           # not stored: the key was there
             if isinstance(p[k], (dict, list)):
                 self.pool.append(Handle(got, p[k], False, '%s.setdefault(%r)'
                                         % (expr, k)))
@@ -1629,9 +1648,12 @@ class Mirror(object):
 
             def on_plain():
                 p[i] = vp
-            self.apply('%s[%d] = %r' % (expr, i, vp), on_tracked, on_plain)
-            if source is None:
-                vandalize(vt)
+            raised = self.apply('%s[%d] = %r' % (expr, i, vp), on_tracked,
+                                on_plain) is _RAISED
+            if source is None and raised:
+                vandalize(vt)           # not stored
+            elif source is None:
+                self.share(vt, vp)
             elif source is old:
                 self.forget_within(old)
         elif op == 'del':
@@ -1669,17 +1691,21 @@ class Mirror(object):
 
             def on_plain():
                 p[s] = vp
-            self.apply('%s[%r] = %r' % (expr, s, vp), on_tracked, on_plain)
+            raised = self.apply('%s[%r] = %r' % (expr, s, vp), on_tracked,
+                                on_plain) is _RAISED
             if source is None:
-                vandalize(vt)
-                for item in vt:
-                    vandalize(item)
+                vandalize(vt)           # its items are stored, not itself
+                for stored, model in zip(vt, vp):
+                    if raised:
+                        vandalize(stored)
+                    else:
+                        self.share(stored, model)
         elif op == 'append':
             vt, vp, source = self.value()
             self.apply('%s.append(%r)' % (expr, vp),
                        lambda: t.append(vt), lambda: p.append(vp))
             if source is None:
-                vandalize(vt)
+                self.share(vt, vp)
         elif op in ('extend', '+='):
             vt, vp, source = self.value(lists_only=True)
             if op == 'extend':
@@ -1689,15 +1715,15 @@ class Mirror(object):
                 self.apply('%s += %r' % (expr, vp),
                            lambda: iadd(t, vt) is t, lambda: iadd(p, vp) is p)
             if source is None:
-                for item in vt:
-                    vandalize(item)
+                for stored, model in zip(vt, vp):
+                    self.share(stored, model)
         elif op == 'insert':
             i = self.draw(st.integers(-n - 2, n + 2))
             vt, vp, source = self.value()
             self.apply('%s.insert(%d, %r)' % (expr, i, vp),
                        lambda: t.insert(i, vt), lambda: p.insert(i, vp))
             if source is None:
-                vandalize(vt)
+                self.share(vt, vp)
         elif op == 'pop':
             if self.draw(st.booleans()):
                 self.apply_and_vandalize('%s.pop()' % expr, lambda: t.pop(),
@@ -3367,6 +3393,71 @@ def test_an_identical_upload_by_another_writer_is_a_conflict(db):
         S.flush()
     assert isinstance(caught.value.failures['d'], couchdb.ResourceConflict)
     assert S.has_changes()
+
+
+def test_a_plain_value_stored_stays_the_documents_own(db):
+    """A plain dict appended to a document's list, then changed through the
+    user's reference: the change is the document's, before and after a
+    flush, in ``diff()`` and on the server."""
+    put(db, 'a', log=[])
+    S = Session(db)
+    doc = S['a']
+    entry = {'at': 1}
+    doc['log'].append(entry)
+    entry['done'] = True
+    S.flush()
+    assert db['a']['log'] == [{'at': 1, 'done': True}]
+    entry['by'] = ['ann']
+    assert S.has_changes() and S.diff(doc) == [
+        {'op': 'add', 'path': '/log/0/by', 'value': ['ann']}]
+    S.flush()
+    assert db['a']['log'] == [{'at': 1, 'done': True, 'by': ['ann']}]
+
+
+def test_a_popped_subtree_stored_again_stays_the_documents_own(db):
+    """What ``pop()`` hands back, stored again and then changed through the
+    user's reference, is written with the change."""
+    put(db, 'a', old={'k': 1})
+    S = Session(db)
+    doc = S['a']
+    moved = doc.pop('old')
+    doc['new'] = moved
+    moved['k'] = 2
+    S.flush()
+    assert content(db, 'a') == {'new': {'k': 2}}
+
+
+def test_a_value_of_a_document_stored_elsewhere_is_a_copy(db):
+    """A tracked value (or one the document holds already) is copied when
+    stored elsewhere: documents are JSON trees."""
+    put(db, 'a', x={'k': 1})
+    S = Session(db)
+    doc = S['a']
+    doc['y'] = doc['x']
+    doc['y']['k'] = 2
+    shared = {'n': 0}
+    doc['p'] = shared
+    doc['q'] = shared
+    shared['n'] = 1
+    S.flush()
+    assert content(db, 'a') == {'x': {'k': 1}, 'y': {'k': 2},
+                                'p': {'n': 1}, 'q': {'n': 0}}
+
+
+def test_a_plain_value_taken_out_of_the_document_is_no_longer_its(db):
+    """A stored plain value that is replaced is the document's no more:
+    changes through the user's reference are not written."""
+    put(db, 'a')
+    S = Session(db)
+    doc = S['a']
+    value = {'k': 1}
+    doc['v'] = value
+    S.flush()
+    doc['v'] = 'replaced'
+    value['k'] = 2
+    S.flush()
+    assert content(db, 'a') == {'v': 'replaced'}
+    assert not S.has_changes()
 
 
 def settle_a_conflict(db, forwarder, remote, path):
