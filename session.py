@@ -73,6 +73,27 @@ _logger = _logging.getLogger('session')
 _logger.addHandler(_logging.NullHandler())
 
 
+# -- Shared constants ---------------------------------------------------------
+
+# The states of a document in the session (see "The identity map").
+_CLEAN, _DIRTY, _NEW, _DELETED = 'clean', 'dirty', 'new', 'deleted'
+
+# The revision of a document deleted by id only, looked up at flush time.
+_LOOKUP = object()
+
+# An absent key or value, where None is a value.
+_MISSING = object()
+
+# The types of the JSON values that hold no others and need no check (a
+# float may be NaN or infinite), and of those that hold others.
+_JSON_LEAVES = frozenset([str, int, bool, type(None)])
+_CONTAINERS = (dict, list)
+_NUMBERS = (int, float)
+
+# What `clear` keeps of a document: its identity.
+_IDENTITY = ('_id', '_rev')
+
+
 # -- Exceptions ---------------------------------------------------------------
 
 class FlushError(Exception):
@@ -150,12 +171,6 @@ class Session(object):
     #: server keeps moving; each time costs one read and one write.
     max_conflict_rounds = 3
 
-    # The identity map, `_entries`, holds one `_Entry` per id the session
-    # knows: fetched, created, adopted or deleted. `_pending` holds, by id,
-    # the entries a flush must look at (new, dirty or deleted): it is the
-    # only place flush looks, so its cost follows the number of changed
-    # documents, not the number held.
-
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
                  on_conflict='raise', max_inline_attachment=64 * 1024):
         self.db = db
@@ -163,15 +178,14 @@ class Session(object):
         self.max_inline_attachment = max_inline_attachment
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
-        self._entries = {}
-        self._pending = {}
+        self._map = _IdentityMap()  # the documents, and what is pending
         self._flushing = False
         self._writes = None         # the resource `_Flush` writes through
 
     def __repr__(self):
         return '<%s %r: %d held, %d pending>' % (
-            type(self).__name__, self.db.name, len(self._entries),
-            len(self._pending))
+            type(self).__name__, self.db.name, len(self._map.entries),
+            len(self._map.pending))
 
     def __getattr__(self, name):
         # Everything the session does not define is the database's own.
@@ -187,7 +201,7 @@ class Session(object):
         Documents created in the session count, those deleted in it do not;
         any other id costs a ``HEAD`` request.
         """
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is None:
             return id in self.db
         return entry.state is not _DELETED
@@ -215,7 +229,7 @@ class Session(object):
         :raise ResourceNotFound: if the document does not exist, or is
                                  deleted in this session
         """
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is None:
             return self._track(self.db[id])
         if entry.state is _DELETED:
@@ -230,7 +244,7 @@ class Session(object):
         :raise ResourceConflict: if the session already holds ``id`` and
                                  ``content`` has no ``_rev``
         """
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is not None and entry.doc is content and \
                 entry.state is not _DELETED:
             return
@@ -248,9 +262,9 @@ class Session(object):
         :raise ResourceNotFound: if the document is already deleted in this
                                  session
         """
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is None:
-            self._set(_Entry(id, None, _DELETED, self._pending, rev=_LOOKUP))
+            self._map.add(_Entry(id, None, _DELETED, rev=_LOOKUP))
         else:
             self._delete_entry(entry)
 
@@ -268,7 +282,7 @@ class Session(object):
         """
         if options:
             return self.db.get(id, default, **options)
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is None:
             try:
                 return self._track(self.db[id])
@@ -286,7 +300,7 @@ class Session(object):
         (``POST _all_docs?include_docs=true``); the others cost nothing.
         """
         ids = list(ids)
-        wanted = [id for id in dict.fromkeys(ids) if id not in self._entries]
+        wanted = [id for id in dict.fromkeys(ids) if id not in self._map.entries]
         if wanted:
             for row in self.db.view('_all_docs', keys=wanted,
                                     include_docs=True):
@@ -294,11 +308,11 @@ class Session(object):
                     self._track(_Document(row['doc']))
             # _all_docs does not list _local documents.
             for id in wanted:
-                if id.startswith('_local/') and id not in self._entries:
+                if id.startswith('_local/') and id not in self._map.entries:
                     self.get(id)
         docs = []
         for id in ids:
-            entry = self._entries.get(id)
+            entry = self._map.entries.get(id)
             live = entry is not None and entry.state is not _DELETED
             docs.append(entry.doc if live else None)
         return docs
@@ -341,7 +355,7 @@ class Session(object):
         found = list(self.db.find(mango_query))
         partial = 'fields' in mango_query
         for doc in found:
-            entry = self._entries.get(doc.get('_id'))
+            entry = self._map.entries.get(doc.get('_id'))
             if entry is not None and entry.state is _DELETED:
                 continue
             if not partial:
@@ -411,12 +425,12 @@ class Session(object):
                 raise TypeError('expected dict, got %s' % type(doc).__name__)
             if doc.get('_id') is None:
                 raise ValueError('document ID cannot be None')
-            entry = self._entries.get(doc['_id'])
+            entry = self._map.entries.get(doc['_id'])
         if entry is not None:
             self._delete_entry(entry)
         else:
-            self._set(_Entry(doc['_id'], None, _DELETED, self._pending,
-                             rev=doc.get('_rev') or _LOOKUP))
+            self._map.add(_Entry(doc['_id'], None, _DELETED,
+                                 rev=doc.get('_rev') or _LOOKUP))
 
     # Attachments (queued until flush).
 
@@ -453,7 +467,8 @@ class Session(object):
             raise TypeError('attachment %r of document %r: the content must '
                             'be bytes, str or a file-like object, got %s'
                             % (filename, entry.id, type(content).__name__))
-        entry.put_attachment(filename, _Attachment(content, content_type))
+        entry.attachments.put(filename, _Attachment(content, content_type))
+        self._map.wait(entry)
 
     def get_attachment(self, id_or_doc, filename, default=None):
         """A file-like object with the content of an attachment, or
@@ -468,7 +483,7 @@ class Session(object):
             if entry.state is _DELETED:
                 return default
             if filename in entry.attachments:
-                attachment = entry.attachments[filename]
+                attachment = entry.attachments.get(filename)
                 if attachment is None:
                     return default
                 return _io.BytesIO(attachment.read())
@@ -489,7 +504,10 @@ class Session(object):
         :raise ResourceNotFound: if the document has no such attachment, or
                                  is deleted in this session
         """
-        self._live(doc).delete_attachment(filename)
+        entry = self._live(doc)
+        entry.attachments.delete(entry.id, filename,
+                                 entry.subject.get('_attachments'))
+        self._map.wait(entry)
 
     # Flushing.
 
@@ -557,7 +575,7 @@ class Session(object):
         if self._flushing:
             raise RuntimeError('Session.flush() was called while the session '
                                'was flushing; a hook must not flush.')
-        if not self._pending:
+        if not self._map.pending:
             return []
         self._flushing = True
         try:
@@ -625,7 +643,7 @@ class Session(object):
     def new(self):
         """A list of the documents created in this session and not yet
         flushed."""
-        return [e.doc for e in self._pending.values() if e.state is _NEW]
+        return [e.doc for e in self._map.pending.values() if e.state is _NEW]
 
     @property
     def dirty(self):
@@ -637,7 +655,7 @@ class Session(object):
         fetched and sends only real changes. A document with attachment
         changes is listed too.
         """
-        entries = list(self._pending.values())
+        entries = list(self._map.pending.values())
         for entry in entries:
             entry.sync()        # changes made through adopted values
         return [e.doc for e in entries if e.state is _DIRTY or
@@ -647,7 +665,7 @@ class Session(object):
     def deleted(self):
         """A list of the documents queued for deletion (one deleted by id
         only is a `couchdb.Document` holding just its ``_id``)."""
-        return [e.doc_or_stub() for e in self._pending.values()
+        return [e.doc_or_stub() for e in self._map.pending.values()
                 if e.state is _DELETED]
 
     def has_changes(self):
@@ -657,7 +675,7 @@ class Session(object):
         # A document whose last write's answer was lost is sent again.
         return any(e.state is _NEW or e.state is _DELETED or e.attachments
                    or e.sent is not None or e.diff()
-                   for e in list(self._pending.values()))
+                   for e in list(self._map.pending.values()))
 
     def expunge(self, doc_or_id):
         """Stop tracking a document: forget it and anything pending for it.
@@ -666,7 +684,7 @@ class Session(object):
 
         :raise KeyError: if the session does not hold the document
         """
-        self._held(doc_or_id).forget()
+        self._map.forget(self._held(doc_or_id))
 
     def refresh(self, doc_or_id):
         """Re-read a document from the server (one ``GET``), dropping its
@@ -681,16 +699,16 @@ class Session(object):
         entry = self._held(doc_or_id)
         fresh = self.db[entry.id]
         if entry.doc is None:
-            entry.forget()
+            self._map.forget(entry)
             return self._track(fresh)
-        entry.reload(fresh)
+        self._map.reload(entry, fresh)
         return entry.doc
 
     def reset(self):
         """Forget every document and everything pending. No request is
         made."""
-        for entry in list(self._entries.values()):
-            entry.forget()
+        for entry in list(self._map.entries.values()):
+            self._map.forget(entry)
 
     def __enter__(self):
         return self
@@ -709,20 +727,7 @@ class Session(object):
     def _track(self, document):
         """The session's document for ``document`` just read from the
         server: the one it already holds, or a new tracked one."""
-        entry = self._entries.get(document['_id'])
-        if entry is None:
-            entry = self._set(_Entry(document['_id'], document, _CLEAN,
-                                     self._pending))
-        return entry.doc
-
-    def _set(self, entry):
-        """Put ``entry`` in the identity map (and in the pending entries if
-        it has work for flush)."""
-        entry.entries = self._entries
-        self._entries[entry.id] = entry
-        if entry.state is not _CLEAN:
-            self._pending[entry.id] = entry
-        return entry
+        return self._map.track(document).doc
 
     def _put(self, doc, create=False):
         """Queue ``doc`` (the session's own copy, with an ``_id``) for
@@ -730,18 +735,18 @@ class Session(object):
         id = doc['_id']
         _check_id(id)
         update = '_rev' in doc and not create
-        entry = self._entries.get(id)
+        entry = self._map.entries.get(id)
         if entry is None:
             # A document with a revision is adopted as changed, one without
             # is new; the base of both is the empty document.
-            return self._set(_Entry(id, doc, _DIRTY if update else _NEW,
-                                    self._pending, base={}))
+            return self._map.add(_Entry(id, doc, _DIRTY if update else _NEW,
+                                        base={}))
         if entry.state is _DELETED:
             # Creating an id deleted in this session writes over the deleted
             # revision: one write that leaves the new content.
-            entry.recreate(doc)
+            self._map.recreate(entry, doc)
         elif update:
-            entry.replace(doc)
+            self._map.replace(entry, doc)
         else:
             raise _ResourceConflict(
                 ('conflict', 'the session already holds document %r; change '
@@ -755,26 +760,26 @@ class Session(object):
                  'session' % entry.id))
         if entry.state is _NEW and entry.rev is None:
             if entry.sent is None:
-                entry.forget()      # never written: nothing to send
+                self._map.forget(entry)     # never written: nothing to send
             else:
                 # A flush whose connection failed may have created it.
-                entry.delete(_LOOKUP)
+                self._map.delete(entry, _LOOKUP)
         else:
-            entry.delete()
+            self._map.delete(entry)
 
     def _entry_of(self, doc):
         """The entry of ``doc`` if it is one of this session's documents
         (a whole document: not a dict inside one)."""
         if type(doc) is _TrackedDocument:
             entry = _entry_of(doc)
-            if entry.doc is doc and self._entries.get(entry.id) is entry:
+            if entry.doc is doc and self._map.entries.get(entry.id) is entry:
                 return entry
         return None
 
     def _held(self, doc_or_id, required=True):
         entry = self._entry_of(doc_or_id)
         if entry is None:
-            entry = self._entries.get(_id_of(doc_or_id))
+            entry = self._map.entries.get(_id_of(doc_or_id))
         if entry is None and required:
             raise KeyError('the session does not hold document %r'
                            % (doc_or_id,))
@@ -786,7 +791,7 @@ class Session(object):
         entry = self._held(doc_or_id, required=False)
         if entry is None:
             self[_id_of(doc_or_id)]
-            entry = self._entries[_id_of(doc_or_id)]
+            entry = self._map.entries[_id_of(doc_or_id)]
         if entry.state is _DELETED:
             raise _ResourceNotFound(('not_found', 'document %r is deleted in '
                                      'this session' % entry.id))
@@ -795,7 +800,7 @@ class Session(object):
     def _row(self, row, wrapper):
         """A view row whose ``doc`` is the session's document, or ``None``
         for the row of a document deleted in the session."""
-        entry = self._entries.get(row.get('id'))
+        entry = self._map.entries.get(row.get('id'))
         if entry is not None and entry.state is _DELETED:
             return None
         row = _SessionRow(row)
@@ -921,7 +926,9 @@ class _Tracked(_ObjectWrapper):
         if copies is None:
             if entry.state is not _CLEAN:
                 return          # new, or diffed against a base of its own
-            entry.touch()
+            if entry.map is None:
+                return          # no longer in a session
+            entry.map.touch(entry)
             copies = entry.copies
             if copies is None:
                 return          # no longer in a session
@@ -946,7 +953,7 @@ class _Tracked(_ObjectWrapper):
             return value
         entry = _entry_of(self)
         if (kind is not dict and kind is not list) or \
-                entry.pending is None or entry.owns(value):
+                entry.map is None or entry.owns(value):
             return _plain(value)
         _make_plain(value)
         entry.adopt(value, _wrap(value, entry, self, key))
@@ -1373,9 +1380,6 @@ class _TrackedDocument(_TrackedDict):
         return _Document, (_plain(_subject_of(self)),)
 
 
-# What `clear` keeps of a document.
-_IDENTITY = ('_id', '_rev')
-
 
 def _root(document, entry):
     """The tracked proxy of a whole document (a `couchdb.Document`)."""
@@ -1387,30 +1391,187 @@ def _root(document, entry):
     return proxy
 
 
+# -- The identity map ---------------------------------------------------------
+
+# What the session knows of a document is an `_Entry`, in one of four states.
+# Only `_IdentityMap` changes them, through the transitions below, one method
+# each; they keep `pending` right too.
+#
+#   state     the document is ...                 diffed against
+#   CLEAN     the server's version at its _rev    itself: nothing to write
+#   DIRTY     changed since it was CLEAN          `copies`, or a `base`
+#   NEW       created (or re-created) here        the empty document
+#   DELETED   to be deleted (at `rev`)            -
+#
+#   transition               from -> to           on
+#   add(entry)               - -> any             read, create, save, del S[id]
+#   touch(entry)             CLEAN -> DIRTY       the first change
+#   replace(entry, doc)      any -> DIRTY, NEW    save() of new content
+#   delete(entry, rev)       any -> DELETED       del S[id], delete(), resolution
+#   recreate(entry, doc)     DELETED -> NEW       S[id] = ... after del S[id]
+#   rebase(entry, ...)       any -> DIRTY         a conflict settled over the
+#                                                 server's version, the base
+#   clean(entry)             any -> CLEAN         written, uploaded, refreshed,
+#                                                 or changes that cancel out
+#   written(entry, ...)      any -> CLEAN, -      the server took the write
+#   forget(entry)            any -> -             expunge, reset, gone
+#
+# `pending` holds the entries a flush must look at: all but the CLEAN ones,
+# and CLEAN ones with attachment changes or adopted values (`wait`).
+
+class _IdentityMap(object):
+    """The documents of one session, by id, and their states."""
+
+    __slots__ = ('entries', 'pending')
+
+    def __init__(self):
+        # id: _Entry of every document the session holds: read, created,
+        # adopted or deleted.
+        self.entries = {}
+        # id: _Entry a flush must look at. Flush looks nowhere else, so its
+        # cost follows the number of changed documents, not of held ones.
+        self.pending = {}
+
+    def add(self, entry):
+        entry.map = self
+        self.entries[entry.id] = entry
+        if entry.state is not _CLEAN:
+            self.pending[entry.id] = entry
+        return entry
+
+    def track(self, document):
+        """The entry of ``document``, just read from the server: the one
+        held already, or a new CLEAN one."""
+        entry = self.entries.get(document['_id'])
+        if entry is None:
+            entry = self.add(_Entry(document['_id'], document, _CLEAN))
+        return entry
+
+    def touch(self, entry):
+        """Before the first change of a CLEAN document: from now on each of
+        its dicts and lists is copied (shallowly) before its own first
+        change. Copy on write: documents only read cost nothing, and a
+        change costs the size of what it changes."""
+        if entry.state is _CLEAN and entry.map is self:
+            entry.copies, entry.marked = {}, {}
+            entry.state = _DIRTY
+            self.pending[entry.id] = entry
+
+    def replace(self, entry, document):
+        """The user gives the document new content (the session's own
+        copy, ``document``), diffed against the version it replaces."""
+        if entry.state is not _NEW:
+            base = entry.merge_base()
+            entry.base = _plain(base) if base is entry.subject else base
+            entry.copies = entry.marked = None
+            entry.state = _DIRTY
+        entry.hold(document)
+        self.pending[entry.id] = entry
+
+    def delete(self, entry, rev=None):
+        """Queue the deletion, of revision ``rev`` if given (else of the
+        revision the document has, or the one looked up at flush time)."""
+        entry.attachments.clear()
+        if rev is not None:
+            entry.rev = rev
+        elif entry.doc is not None and entry.rev is None:
+            entry.rev = entry.subject.get('_rev')
+        entry.state = _DELETED
+        self.pending[entry.id] = entry
+
+    def recreate(self, entry, document):
+        """New content for a DELETED entry, to be written over the deleted
+        revision (kept in `rev`)."""
+        entry.hold(document)
+        entry.state = _NEW
+        entry.base = {}
+        entry.copies = entry.marked = None
+        self.pending[entry.id] = entry
+
+    def rebase(self, entry, content, rev, theirs):
+        """Hold ``content``, resolved against the server's version
+        ``theirs`` (``None`` if deleted) at revision ``rev`` (``None`` to
+        write without one), to be written over it; ``theirs`` becomes the
+        base."""
+        document = _copy_in(content)
+        document['_id'] = entry.id
+        document.pop('_rev', None)
+        if rev is not None:
+            document['_rev'] = rev
+        entry.hold(document)
+        entry.base = _plain(theirs) if theirs is not None else {}
+        entry.copies = entry.marked = None
+        entry.state = _DIRTY
+        entry.rev = entry.sent = None
+        self.pending[entry.id] = entry
+
+    def clean(self, entry):
+        """The document equals what the server has: nothing to write (but
+        attachments may wait for their upload)."""
+        entry.state = _CLEAN
+        entry.base = entry.copies = entry.marked = None
+        entry.rev = entry.sent = None
+        entry.snapshot_adopted()
+        self.wait(entry)
+
+    def written(self, entry, rev, payload):
+        """The server took ``payload``, the entry's write, giving ``rev``;
+        the attachment changes that went inline with it are done."""
+        if entry.state is _DELETED:
+            self.forget(entry)
+            return
+        subject = entry.subject
+        subject['_rev'] = rev
+        entry.attachments.written(subject, payload)
+        self.clean(entry)
+
+    def uploaded(self, entry, filename, rev, attachment):
+        """An attachment was uploaded on its own, giving ``rev``."""
+        entry.subject['_rev'] = rev
+        entry.attachments.done(entry.subject, filename, attachment)
+        self.clean(entry)
+
+    def reload(self, entry, document):
+        """Hold ``document``, just read from the server, dropping the local
+        changes, attachment changes too."""
+        entry.hold(document)
+        entry.attachments = _PendingAttachments()
+        self.clean(entry)
+
+    def wait(self, entry):
+        """Put a CLEAN entry in `pending` while it has attachment changes or
+        adopted values, and take it out when it has none."""
+        if entry.map is not self or entry.state is not _CLEAN:
+            return
+        if entry.attachments or entry.adopted:
+            self.pending[entry.id] = entry
+        else:
+            self.pending.pop(entry.id, None)
+
+    def forget(self, entry):
+        """The entry leaves the session: no longer held, pending or
+        tracked."""
+        if entry.map is self:
+            self.pending.pop(entry.id, None)
+            if self.entries.get(entry.id) is entry:
+                del self.entries[entry.id]
+        entry.map = None
+        entry.copies = entry.marked = entry.adopted = None
+        if entry.state is not _DELETED:
+            entry.state = _CLEAN
+
+
 # -- Document entries ---------------------------------------------------------
 
-# The states of an entry. A CLEAN document equals the server's version it
-# was fetched at (or last written as): its content is its own base. On its
-# first change it becomes DIRTY, and from then on each of its dicts and
-# lists is copied (shallowly) before its own first change: copy on write,
-# so that documents only read cost nothing and a change costs the size of
-# what it changes. NEW documents were created (or re-created) in the
-# session and have the empty document as base; DELETED ones wait for their
-# deletion.
-_CLEAN, _DIRTY, _NEW, _DELETED = 'clean', 'dirty', 'new', 'deleted'
-
-# The revision of a document deleted by id only, looked up at flush time.
-_LOOKUP = object()
-
-
 class _Entry(object):
-    """What the session knows of one document id."""
+    """What the session knows of one document id: its content, what diffs
+    compare it with, and what waits for a flush. Its state changes only
+    through the `_IdentityMap`."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'pending', 'entries', 'sent', 'attachments',
-                 'digests', 'adopted')
+                 'map', 'sent', 'attachments', 'adopted')
 
-    def __init__(self, id, document, state, pending, base=None, rev=None):
+    def __init__(self, id, document, state, base=None, rev=None):
         self.id = id
         # The tracked root proxy; None for a deletion by id only.
         self.doc = None if document is None else _root(document, self)
@@ -1429,38 +1590,26 @@ class _Entry(object):
         # For DELETED: the revision to delete. For NEW: the revision of a
         # deleted document this one replaces. Either may be _LOOKUP.
         self.rev = rev
-        # The session's pending entries and identity map; None once the
-        # session forgot this entry, which then tracks nothing.
-        self.pending = pending
-        self.entries = None
+        # The identity map holding the entry; None once the session forgot
+        # it, and then it tracks nothing.
+        self.map = None
         # What a write whose answer never came back had sent: until the
         # entry is settled, a server version equal to it is the session's
         # own write (and only then: see `_Flush`).
         self.sent = None
-        # {filename: _Attachment to put, or None to delete} until written.
-        self.attachments = {}
+        self.attachments = _PendingAttachments()
         # [[dict or list, its proxy, a deep copy or None]] of the plain
         # values the user stored in the document (see `_Tracked._own`):
         # the user may change them through their own references, which no
         # proxy sees, so they are compared with the copy taken when the
         # document was last clean (`sync`). None when there are none.
         self.adopted = None
-        # {filename: MD5 digest} of attachments this session wrote. PouchDB
-        # Server finds a stub's attachment by its digest; the session's
-        # stubs show none (CouchDB computes a different one for compressible
-        # types, and ignores it in stubs), so it is added when sending.
-        self.digests = None
 
     @property
     def subject(self):
         return _subject_of(self.doc)
 
-    def touch(self):
-        """Called before the first change of a clean document."""
-        if self.state is _CLEAN and self.pending is not None:
-            self.copies, self.marked = {}, {}
-            self.state = _DIRTY
-            self.pending[self.id] = self
+    # Adopted values.
 
     def adopt(self, value, proxy):
         """``value``, a plain dict or list of the user's, becomes part of
@@ -1490,11 +1639,24 @@ class _Entry(object):
                                   _same(value, before)):
                 continue        # stored since the base: diffed in full
             if self.state is _CLEAN:
-                self.touch()
+                self.map.touch(self)
             if self.copies is not None and \
                     self.copies.get(id(value), (None, None))[1] is not before:
                 self.copies[id(value)] = (value, before)
                 _mark(self.marked, proxy)
+
+    def snapshot_adopted(self):
+        """Copy the adopted values still in place, as the server has them
+        now: later changes are found against these copies."""
+        if self.adopted:
+            kept = []
+            for value, proxy, _ in self.adopted:
+                if _in_place(proxy, self.subject):
+                    _make_plain(value)
+                    kept.append([value, proxy, _plain(value)])
+            self.adopted = kept
+
+    # What a flush sends.
 
     def diff(self):
         ops = []
@@ -1520,59 +1682,11 @@ class _Entry(object):
         payload = dict(self.subject)
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
-        inline = self.inline_attachments(inline_limit)
-        if inline or self.digests:
-            # Attachments already on the server are sent as stubs: an
-            # update without them would drop them.
-            attachments = dict(payload.get('_attachments') or {})
-            for filename, digest in (self.digests or {}).items():
-                if 'digest' not in attachments.get(filename, {'digest': 0}):
-                    attachments[filename] = dict(attachments[filename],
-                                                 digest=digest)
-            for filename, attachment in inline.items():
-                if attachment is None:
-                    attachments.pop(filename, None)
-                else:
-                    attachments[filename] = attachment.inline()
-            payload['_attachments'] = attachments
+        stubs = self.attachments.payload(payload.get('_attachments'),
+                                         inline_limit)
+        if stubs is not None:
+            payload['_attachments'] = stubs
         return payload
-
-    def inline_attachments(self, limit):
-        """The attachment changes that go in the bulk request: deletions,
-        and puts of at most ``limit`` bytes."""
-        if not self.attachments:
-            return {}
-        return dict((name, a) for name, a in self.attachments.items()
-                    if a is None or not a.is_large(limit))
-
-    def large_attachments(self, limit):
-        if not self.attachments:
-            return []
-        return [(name, a) for name, a in self.attachments.items()
-                if a is not None and a.is_large(limit)]
-
-    def put_attachment(self, filename, attachment):
-        self.attachments[filename] = attachment
-        if self.state is _CLEAN:
-            self.pending[self.id] = self
-
-    def delete_attachment(self, filename):
-        on_server = filename in (self.subject.get('_attachments') or {})
-        if self.attachments.get(filename) is not None:
-            if on_server:
-                self.attachments[filename] = None
-            else:
-                del self.attachments[filename]      # put, then deleted
-                if self.state is _CLEAN and not self.attachments:
-                    self.pending.pop(self.id, None)
-        elif on_server and filename not in self.attachments:
-            self.attachments[filename] = None
-            if self.state is _CLEAN:
-                self.pending[self.id] = self
-        else:
-            raise _ResourceNotFound(
-                ('not_found', 'document %r has no attachment %r'
-                 % (self.id, filename)))
 
     def merge_base(self):
         """The version changes were made from: the one fetched, or the empty
@@ -1597,122 +1711,6 @@ class _Entry(object):
             self.doc = _root(document, self)
         else:
             _graft(self.subject, document)
-
-    def replace(self, content):
-        """Give the document new content, keeping the object."""
-        self.doc._touch()
-        self.hold(content)
-
-    def delete(self, rev=None):
-        """Queue the deletion, of revision ``rev`` if given."""
-        self.attachments = {}
-        if rev is not None:
-            self.rev = rev
-        elif self.doc is not None and self.rev is None:
-            self.rev = self.subject.get('_rev')
-        self.state = _DELETED
-        self.pending[self.id] = self
-
-    def recreate(self, document):
-        """Hold ``document``, new content for this deleted entry, to be
-        written over the deleted revision (kept in `rev`)."""
-        self.hold(document)
-        self.state = _NEW
-        self.base = {}
-        self.copies = self.marked = None
-        self.pending[self.id] = self
-
-    def rebase(self, content, rev, theirs):
-        """Hold ``content``, resolved against the server's version
-        ``theirs`` (``None`` if deleted) at revision ``rev``, to be written
-        over it; ``theirs`` becomes the base."""
-        document = _copy_in(content)
-        document['_id'] = self.id
-        document.pop('_rev', None)
-        if rev is not None:
-            document['_rev'] = rev
-        self.hold(document)
-        self.base = _plain(theirs) if theirs is not None else {}
-        self.copies = self.marked = None
-        self.state = _DIRTY
-        self.rev = self.sent = None
-        self.pending[self.id] = self
-
-    def clean(self):
-        """The document equals its base: nothing to write (but attachments
-        may wait for their upload, and adopted values stay watched)."""
-        self.state = _CLEAN
-        self.base = self.copies = self.marked = None
-        self.rev = self.sent = None
-        if self.adopted:
-            # What the server has now is what later changes are found
-            # against.
-            kept = []
-            for value, proxy, _ in self.adopted:
-                if _in_place(proxy, self.subject):
-                    _make_plain(value)
-                    kept.append([value, proxy, _plain(value)])
-            self.adopted = kept
-        if not self.attachments and not self.adopted:
-            self.pending.pop(self.id, None)
-
-    def written(self, rev, payload):
-        """The server accepted this entry's write, ``payload``, giving it
-        ``rev``; the attachment changes that went inline are done."""
-        if self.state is _DELETED:
-            self.forget()
-            return
-        subject = self.subject
-        subject['_rev'] = rev
-        if self.attachments:
-            sent = payload.get('_attachments') or {}
-            stubs = subject.setdefault('_attachments', {})
-            for filename, attachment in list(self.attachments.items()):
-                if attachment is None:
-                    stubs.pop(filename, None)
-                elif 'data' in sent.get(filename, ()):
-                    self.stub(filename, attachment)
-                else:
-                    continue
-                del self.attachments[filename]
-            if not stubs:
-                del subject['_attachments']
-        self.clean()
-
-    def uploaded(self, filename, rev, attachment):
-        """An attachment was uploaded on its own, giving ``rev``."""
-        self.subject['_rev'] = rev
-        self.stub(filename, attachment)
-        del self.attachments[filename]
-        self.clean()
-
-    def stub(self, filename, attachment):
-        """Record in the document that the server has ``attachment``."""
-        stubs = self.subject.setdefault('_attachments', {})
-        stubs[filename] = attachment.stub()
-        if self.digests is None:
-            self.digests = {}
-        self.digests[filename] = attachment.digest()
-
-    def reload(self, document):
-        """Hold ``document``, just read from the server, dropping local
-        changes (attachment changes too)."""
-        self.hold(document)
-        self.attachments = {}
-        self.digests = None
-        self.clean()
-
-    def forget(self):
-        """Leave the session: no longer held, pending or tracked."""
-        if self.pending is not None:
-            self.pending.pop(self.id, None)
-            if self.entries is not None and \
-                    self.entries.get(self.id) is self:
-                del self.entries[self.id]
-        self.pending = self.entries = None
-        self.copies = self.marked = self.adopted = None
-        if self.state is not _DELETED:
-            self.state = _CLEAN
 
 
 def _graft(target, source):
@@ -1759,6 +1757,120 @@ def _paired_items(old, new):
                     break
         pairs.append((found, value))
     return pairs
+
+
+# -- Attachments --------------------------------------------------------------
+
+class _PendingAttachments(object):
+    """The attachment changes of one document until the server has them,
+    and the digests of the attachments the session wrote."""
+
+    __slots__ = ('changes', 'digests')
+
+    def __init__(self):
+        # {filename: _Attachment to put, or None to delete}.
+        self.changes = {}
+        # {filename: MD5 digest} of attachments this session wrote. PouchDB
+        # Server finds a stub's attachment by its digest; the session's
+        # stubs show none (CouchDB computes a different one for compressible
+        # types, and ignores it in stubs), so it is added when sending.
+        self.digests = None
+
+    def __bool__(self):
+        return bool(self.changes)
+
+    def __contains__(self, filename):
+        return filename in self.changes
+
+    def get(self, filename):
+        return self.changes.get(filename)
+
+    def clear(self):
+        self.changes = {}
+
+    def put(self, filename, attachment):
+        self.changes[filename] = attachment
+
+    def delete(self, id, filename, stubs):
+        """Queue the deletion of ``filename`` (``stubs``: the document's
+        ``_attachments``); deleting one put and not yet written just
+        forgets it."""
+        on_server = filename in (stubs or {})
+        if self.changes.get(filename) is not None:
+            if on_server:
+                self.changes[filename] = None
+            else:
+                del self.changes[filename]      # put, then deleted
+        elif on_server and filename not in self.changes:
+            self.changes[filename] = None
+        else:
+            raise _ResourceNotFound(
+                ('not_found', 'document %r has no attachment %r'
+                 % (id, filename)))
+
+    def inline(self, limit):
+        """The changes that go in the bulk request: deletions, and puts of
+        at most ``limit`` bytes."""
+        return dict((name, a) for name, a in self.changes.items()
+                    if a is None or not a.is_large(limit))
+
+    def large(self, limit):
+        """``[(filename, attachment)]`` of the puts uploaded on their
+        own."""
+        return [(name, a) for name, a in self.changes.items()
+                if a is not None and a.is_large(limit)]
+
+    def payload(self, stubs, limit):
+        """The ``_attachments`` to send instead of the document's ``stubs``,
+        or ``None`` to send those as they are."""
+        inline = self.inline(limit) if self.changes else None
+        if not inline and not self.digests:
+            return None
+        # Attachments already on the server are sent as stubs: an update
+        # without them would drop them.
+        attachments = dict(stubs or {})
+        for filename, digest in (self.digests or {}).items():
+            if 'digest' not in attachments.get(filename, {'digest': 0}):
+                attachments[filename] = dict(attachments[filename],
+                                             digest=digest)
+        for filename, attachment in (inline or {}).items():
+            if attachment is None:
+                attachments.pop(filename, None)
+            else:
+                attachments[filename] = attachment.inline()
+        return attachments
+
+    def written(self, subject, payload):
+        """The server took ``payload``, a write of the document whose
+        content is ``subject``: the changes that went inline are done."""
+        if not self.changes:
+            return
+        sent = payload.get('_attachments') or {}
+        stubs = subject.setdefault('_attachments', {})
+        for filename, attachment in list(self.changes.items()):
+            if attachment is None:
+                stubs.pop(filename, None)
+            elif 'data' in sent.get(filename, ()):
+                self.stub(stubs, filename, attachment)
+            else:
+                continue
+            del self.changes[filename]
+        if not stubs:
+            del subject['_attachments']
+
+    def done(self, subject, filename, attachment):
+        """An attachment was uploaded on its own."""
+        self.stub(subject.setdefault('_attachments', {}), filename,
+                  attachment)
+        del self.changes[filename]
+
+    def stub(self, stubs, filename, attachment):
+        """Record in the document's ``stubs`` that the server has
+        ``attachment``."""
+        stubs[filename] = attachment.stub()
+        if self.digests is None:
+            self.digests = {}
+        self.digests[filename] = attachment.digest()
 
 
 class _Attachment(object):
@@ -1875,11 +1987,11 @@ class _FlushPlan(object):
                 # again even if its changes cancelled out since: the server
                 # may hold what was sent.
                 if diff or entry.sent is not None or \
-                        entry.inline_attachments(inline_limit):
+                        entry.attachments.inline(inline_limit):
                     self.changed.append((entry, diff))
-                elif not entry.large_attachments(inline_limit):
+                elif not entry.attachments.large(inline_limit):
                     self.unchanged.append(entry)
-            if entry.large_attachments(inline_limit):
+            if entry.attachments.large(inline_limit):
                 self.uploads.append(entry)
 
     def __bool__(self):
@@ -1915,10 +2027,6 @@ class _FlushPlan(object):
 
     def changed_docs(self):
         return [(e.doc, d) for e, d in self.changed]
-
-    def clean_unchanged(self):
-        for entry in self.unchanged:
-            entry.clean()
 
     def payloads(self):
         """The documents to send, as plain dicts python-couchdb may encode
@@ -1959,10 +2067,6 @@ def _check_json(id, value, path=''):
 _NOT_JSON = ('document %r holds what JSON cannot carry: %s. Nothing was '
              'sent: fix it, and flush again.')
 _BAD_KEY = 'the key %r at %s is a %s, but JSON object keys must be strings'
-
-
-# The types of the values `_json_problem` passes at once.
-_JSON_LEAVES = frozenset([str, int, bool, type(None)])
 
 
 def _json_problem(value):
@@ -2023,6 +2127,7 @@ class _Flush(object):
         self.failures = {}      # id: exception, of the refused documents
         self.plan = None        # the plan of the round being written
         self.outcomes = {}      # id: new rev or exception, in that round
+        self.map = session._map
         if session._writes is None:
             session._writes = _without_retries(session.db.resource)
         self.resource = session._writes
@@ -2075,9 +2180,10 @@ class _Flush(object):
         refused in this flush. Entries whose changes cancelled out are clean
         again."""
         plan = _FlushPlan([entry for id, entry in
-                           self.session._pending.items()
+                           self.map.pending.items()
                            if id not in self.failures], self.inline_limit)
-        plan.clean_unchanged()
+        for entry in plan.unchanged:
+            self.map.clean(entry)
         return plan
 
     def plan_with_hooks(self):
@@ -2130,7 +2236,7 @@ class _Flush(object):
         # and dropped: there is nothing to retry.
         for id, exc in plan.gone.items():
             self.outcomes[id] = exc
-            plan.entry(id).forget()
+            self.map.forget(plan.entry(id))
 
     def send(self, plan, payloads):
         """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
@@ -2145,7 +2251,7 @@ class _Flush(object):
                 outcome = self.outcomes[id] = _outcome(answers.get(id))
                 entry = plan.entry(id)
                 if not isinstance(outcome, Exception):
-                    entry.written(outcome, payload)
+                    self.map.written(entry, outcome, payload)
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
                     # answered a conflict had it applied an earlier write.
@@ -2205,9 +2311,9 @@ class _Flush(object):
         recorded as the document's outcome, for `settle`."""
         for entry in plan.uploads:
             if isinstance(self.outcomes.get(entry.id), Exception) or \
-                    entry.pending is None:
+                    entry.map is None:
                 continue
-            for filename, attachment in entry.large_attachments(
+            for filename, attachment in entry.attachments.large(
                     self.inline_limit):
                 outcome = self.outcomes[entry.id] = self.upload_one(
                     entry, filename, attachment)
@@ -2225,12 +2331,12 @@ class _Flush(object):
                 rev, theirs = self.current([entry.id]).get(
                     entry.id, (None, None))
                 if attachment.is_on(theirs, filename):
-                    entry.uploaded(filename, rev, attachment)
+                    self.map.uploaded(entry, filename, rev, attachment)
                     return rev
             return exc
         except _HTTPError as exc:
             return exc
-        entry.uploaded(filename, answer['rev'], attachment)
+        self.map.uploaded(entry, filename, answer['rev'], attachment)
         return answer['rev']
 
     def put(self, entry, filename, attachment):
@@ -2297,10 +2403,7 @@ class _Flush(object):
         if entry.sent is not None and _same_write(entry.sent, theirs):
             # The earlier write whose answer was lost reached the server.
             if _same(_plain(entry.payload(self.inline_limit)), entry.sent):
-                if mine is None:
-                    entry.forget()
-                else:
-                    entry.written(rev, entry.sent)
+                self.map.written(entry, rev, entry.sent)
                 return rev
             # It is the base of what was changed since.
             return self.settle_on(entry, mine, rev, theirs)
@@ -2313,7 +2416,7 @@ class _Flush(object):
             try:
                 content = _merge_documents(base, mine, theirs,
                                            entry.state is _NEW)
-                _check_attachments(base, theirs, entry.attachments)
+                _check_attachments(base, theirs, entry.attachments.changes)
             except _MergeConflict as conflict:
                 return _ResourceConflict(('conflict', str(conflict)))
         else:
@@ -2334,18 +2437,19 @@ class _Flush(object):
         server has it already, else `_RESEND`."""
         if content is None or content.get('_deleted'):
             if theirs is None:
-                entry.forget()          # deleted on the server already
+                self.map.forget(entry)  # deleted on the server already
                 return rev if rev is not None else _ResourceNotFound(
                     ('not_found', 'missing'))
-            entry.delete(rev)
+            self.map.delete(entry, rev)
             return _RESEND
         there = theirs is not None and \
             _same(_content(content), _content(theirs))
         # Over a deletion, CouchDB takes a document without ``_rev`` (it
         # extends the deleted branch) and refuses one with the old one.
-        entry.rebase(content, rev if theirs is not None else None, theirs)
-        if there and not entry.inline_attachments(self.inline_limit):
-            entry.clean()               # the server has it already
+        self.map.rebase(entry, content, rev if theirs is not None else None,
+                        theirs)
+        if there and not entry.attachments.inline(self.inline_limit):
+            self.map.clean(entry)       # the server has it already
             return rev
         return _RESEND
 
@@ -2408,9 +2512,6 @@ def _outcome(row):
 
 class _MergeConflict(Exception):
     """A change a three-way merge cannot settle (private)."""
-
-
-_MISSING = object()
 
 
 def _content(document, leave_out=('_rev',)):
@@ -2563,8 +2664,6 @@ def _same(a, b, loose_numbers=False):
     return a == b
 
 
-_NUMBERS = (int, float)
-_CONTAINERS = (dict, list)
 
 
 # Paths are (parent path, key) pairs, the root's is None: the JSON Pointer

@@ -923,6 +923,19 @@ class SessionMachine(RuleBasedStateMachine):
         mine, mine_atts = held.mine()
         if id in self.landed:
             return self.expect_settling(id, held, version, mine, mine_atts)
+        if id in self.unsure and not held.has_work():
+            # Sent by the broken flush, changed back since: the session may
+            # send it again (and meet a conflict if the server moved).
+            gen = version.gen if version is not None else 0
+            outcomes = [Outcome('unchanged', why='changed back')]
+            if self.moved(held, version):
+                outcomes.append(Outcome('unchanged',
+                                        error=couchdb.ResourceConflict,
+                                        resolver=None, why='changed back'))
+            elif mine is not ABSENT:
+                outcomes.append(Outcome('written', mine, exact(mine_atts),
+                                        gens=[gen + 1], why='sent again'))
+            return outcomes
         outcomes = self.expect_plainly(id, held, version, policy, choice)
         if id in self.unsure:
             # The broken flush's write did not reach the server, but the
@@ -931,6 +944,21 @@ class SessionMachine(RuleBasedStateMachine):
                 if outcome.kind == 'written' and outcome.body is not None:
                     outcome.gens |= set(g + 1 for g in outcome.gens)
         return outcomes
+
+    @staticmethod
+    def moved(held, version):
+        """Whether the server moved since the revision the session writes
+        over."""
+        theirs = version is not None and version.body is not None
+        if held.kind == 'new':
+            if held.base is None:
+                return theirs
+            if held.base == 'lookup':
+                return False
+            return version.rev != held.base.rev
+        if held.kind == 'deleted by id':
+            return False
+        return version.rev != held.base.rev
 
     def expect_plainly(self, id, held, version, policy, choice):
         theirs = version.body if version is not None and \
@@ -968,14 +996,10 @@ class SessionMachine(RuleBasedStateMachine):
         # The revision the session writes over, and whether the server
         # moved since.
         if held.kind == 'new':
-            over = held.base
-            moved = (theirs is not ABSENT) if over is None else \
-                version.rev != over.rev
             base, base_atts = ABSENT, {}
         else:
-            moved = version.rev != held.base.rev
             base, base_atts = held.base.body, held.attachments
-        if not moved:
+        if not self.moved(held, version):
             if mine is ABSENT and theirs is ABSENT:
                 return [Outcome('written', None, gens=[gen])]
             return [written(mine, exact(mine_atts), 'plain write')]
@@ -1110,10 +1134,15 @@ class SessionMachine(RuleBasedStateMachine):
         for id, outcome in chosen.items():
             self.settle(id, outcome, seen, broken is not None, results)
         if broken is not None:
-            self.unsure = set(id for id, outcomes in expected.items()
-                              if any(o.kind == 'written' for o in outcomes))
+            # Everything the broken flush had to send (rule 6).
+            self.unsure = set(expected)
         else:
-            self.unsure = set()
+            # A document still reported in conflict stays as the broken
+            # flush left it.
+            self.unsure = set(
+                id for id in self.unsure if id in self.held and
+                chosen.get(id) is not None and
+                chosen[id].error is couchdb.ResourceConflict)
             self.landed = {}
 
     def halfway(self, id, outcomes):
@@ -1229,6 +1258,12 @@ class SessionMachine(RuleBasedStateMachine):
     # -- Invariants.
 
     @invariant()
+    def the_model_holds(self):
+        self.server_holds_what_the_model_says()
+        self.documents_and_references_show_what_the_user_did()
+        self.diff_is_the_change_since_the_base()
+        self.has_changes_while_something_needs_writing()
+
     def server_holds_what_the_model_says(self):
         seen = self.read_server()
         live = set(id for id, version in self.server.items()
@@ -1244,7 +1279,6 @@ class SessionMachine(RuleBasedStateMachine):
             assert stubs == dict((name, (digest(c), len(c))) for name, c in
                                  version.attachments.items()), (id, stubs)
 
-    @invariant()
     def documents_and_references_show_what_the_user_did(self):
         for id, held in self.held.items():
             if not held.live:
@@ -1262,14 +1296,17 @@ class SessionMachine(RuleBasedStateMachine):
                 sorted(held.attachments), (id, doc.get('_attachments'),
                                            held.attachments)
         for ref in self.refs:
-            if not ref.plain:
+            if ref.plain:
+                assert same(ref.obj, ref.mirror), (
+                    'a plain value stored into %r is %r, the document has %r'
+                    ' there (rule 7)' % (ref.id, ref.obj, ref.mirror))
+            else:
                 shown = body(ref.obj) if ref.obj is self.root_of(ref) else \
                     copy.deepcopy(ref.obj)
                 assert same(shown, ref.mirror), (
                     'a kept reference into %r shows %r, the model %r'
                     % (ref.id, ref.obj, ref.mirror))
 
-    @invariant()
     def diff_is_the_change_since_the_base(self):
         for id, held in self.held.items():
             if not held.live:
@@ -1282,7 +1319,6 @@ class SessionMachine(RuleBasedStateMachine):
                 'S.diff(%r) = %r does not make %r of %r' % (
                     id, ops, held.mirror, base))
 
-    @invariant()
     def has_changes_while_something_needs_writing(self):
         needed = maybe = False
         for id, held in self.held.items():
@@ -1290,14 +1326,17 @@ class SessionMachine(RuleBasedStateMachine):
                 needed = needed or held.has_work()
                 continue
             # Rule 6: needed if the server differs from the user's intent.
-            version = self.server.get(id)
-            mine, mine_atts = held.mine()
-            if version is None or version.body is None:
-                differs = mine is not ABSENT
+            version = self.landed.get(id, ())
+            if version == ():
+                differs = held.has_work()
             else:
-                differs = mine is ABSENT or not same(
-                    mine, version.body, exact_numbers=False) or \
-                    mine_atts != version.attachments
+                mine, mine_atts = held.mine()
+                if version is None or version.body is None:
+                    differs = mine is not ABSENT
+                else:
+                    differs = mine is ABSENT or not same(
+                        mine, version.body, exact_numbers=False) or \
+                        mine_atts != version.attachments
             needed = needed or differs
             maybe = True
         if needed:
