@@ -31,8 +31,10 @@ Contents, in reading order:
   `dirty` and `deleted`.
 - Private pieces: the tracked proxies (ProxyTypes wrappers around the
   documents' dicts and lists that tell the session when they change), the
-  entries (what the session knows of each document), flush planning,
-  conflict resolution, and copies and diffs.
+  identity map (each document's entry and the table of its states),
+  attachments waiting for a flush, flush planning, one flush (`_Flush`:
+  writes, lost answers, uploads, and the one path that settles conflicts),
+  merging, and copies and diffs.
 """
 
 import base64 as _base64
@@ -527,13 +529,20 @@ class Session(object):
         and take the others. What was written is applied; what was refused
         stays pending, unchanged, and `FlushError` says why.
 
-        Conflicts first cost one ``POST _all_docs?include_docs=true`` for
-        all of them, to read the server's versions. A server version equal
-        to what the session sent is the session's own write whose answer
-        was lost (a dropped connection): it counts as written. For the
-        others, ``on_conflict`` (by default the session's) decides:
+        A request whose answer is lost (the connection dropped after the
+        server may have applied it) leaves the outcome of its documents
+        unknown: the session sends it once more, as python-couchdb would.
+        The conflicts of bulk writes and uploads first cost one
+        ``POST _all_docs?include_docs=true`` for all of them, to read the
+        server's versions. For a document whose outcome was unknown, a
+        server version equal to what the session sent is its own write: it
+        counts as written, and what was changed since is written over it.
+        Any other conflict is real (even when the server holds what the
+        session would write: another writer made the same change), and
+        ``on_conflict`` (by default the session's) decides:
 
-        - ``'raise'``: they stay pending and end up in `FlushError`.
+        - ``'raise'``: they stay pending and end up in `FlushError` (with
+          no read unless an outcome was unknown).
         - ``'overwrite'``: the last writer wins: the session's version is
           written over the server's revision (a deletion deletes it; a
           change over a server-side deletion writes the document again).
@@ -543,20 +552,24 @@ class Session(object):
           changed on one side takes that side's; values (or lists) changed
           on both sides differently, a key removed on one side and changed
           on the other, or a deletion against a change, are real conflicts
-          that stay pending, untouched, in `FlushError`. The merged
-          document is written over the server's revision (unless the
-          server has it already: then it is taken as it is) and the
-          server's version becomes its base.
+          that stay pending, untouched, in `FlushError`; so is an
+          attachment both sides changed. The merged document is written
+          over the server's revision (unless the server has it already:
+          then it is taken as it is) and the server's version becomes its
+          base.
         - a function ``resolve(mine, theirs, base)`` of plain copies
           (``None`` for a deleted side) returning the document to write, or
           ``None`` to leave it pending and reported.
 
         Resolved documents go in one more bulk request; if the server moved
         again meanwhile, this repeats up to `max_conflict_rounds` times.
+        Settling keeps the document object and its dicts and lists still in
+        place: references the user kept stay live.
 
         A connection failure raises python-couchdb's or the socket's
         exception unchanged and loses nothing: the next flush sends it all,
-        recognising writes that did reach the server.
+        recognising writes that did reach the server. The post-flush hook
+        has seen what was written before it.
 
         :param on_conflict: ``'raise'``, ``'overwrite'``, ``'merge'`` or a
                             function, for this flush only

@@ -2688,9 +2688,11 @@ def test_overwrite_deletion_deletes_their_latest(db):
     assert S.deleted == [] and 'a' not in S
 
 
-def test_overwrite_change_over_their_deletion_writes_it_again(db):
+def test_overwrite_change_over_their_deletion_writes_it_again(db, wire):
     """'overwrite': a change over a server-side deletion writes the
-    document again."""
+    document again, without ``_rev``: CouchDB refuses the old one, and
+    takes a document without one as a new revision of the deleted
+    branch."""
     put(db, 'a', v=0)
     S = Session(db)
     S['a']['v'] = 'mine'
@@ -2698,6 +2700,7 @@ def test_overwrite_change_over_their_deletion_writes_it_again(db):
     S.flush(on_conflict='overwrite')
     assert content(db, 'a') == {'v': 'mine'}
     assert generation(db, 'a') == 3 and S['a'].rev == db['a'].rev
+    assert '_rev' not in wire.bulk_bodies()[-1]['docs'][0]
 
 
 def test_overwrite_create_over_their_create(db):
@@ -3526,6 +3529,26 @@ def test_merge_reports_an_attachment_deleted_on_one_side_replaced_on_the_other(
     with pytest.raises(FlushError):
         S.flush(on_conflict='merge')
     assert on_server(db, 'a', 'f.txt') == b'theirs'
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge'])
+def test_deleting_what_another_writer_deleted(db, policy):
+    """Both sides delete the document: the 409 came with its answer, so
+    'raise' reports it; 'merge' takes it as the same change on both
+    sides."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S.delete(S['a'])
+    db.delete(db['a'])
+    if policy == 'raise':
+        with pytest.raises(FlushError) as caught:
+            S.flush()
+        assert isinstance(caught.value.failures['a'],
+                          couchdb.ResourceConflict)
+        assert S.deleted and S.has_changes()
+    else:
+        S.flush(on_conflict='merge')
+        assert not S.has_changes() and 'a' not in S
 
 
 def lose_the_answer(S, forwarder):
