@@ -2239,8 +2239,8 @@ class _Flush(object):
             if not conflicted:
                 break
             resend = self.resolve(plan, conflicted)
-            settled.update(id for id in conflicted
-                           if self.outcomes[id] is not _RESEND)
+            again = set(payload['_id'] for payload in resend)
+            settled.update(id for id in conflicted if id not in again)
             self.send(plan, resend)
             self.upload(plan)
             if not resend:
@@ -2282,7 +2282,7 @@ class _Flush(object):
                 return self.resource.post_json(
                     '_bulk_docs', body={'docs': batch})[2]
             except Exception as exc:
-                if not _never_sent(exc):
+                if not _answered(exc):
                     for payload in batch:
                         plan.entry(payload['_id']).sent = _plain(payload)
                 if not (retry and _retryable(exc)):
@@ -2364,9 +2364,7 @@ class _Flush(object):
                     headers={'Content-Type': attachment.content_type},
                     rev=entry.subject.get('_rev'))[2]
             except Exception as exc:
-                if isinstance(exc, _HTTPError):
-                    raise
-                if not _never_sent(exc):
+                if not _answered(exc):
                     attachment.unknown = True
                 if not (retry and _retryable(exc)):
                     raise
@@ -2389,8 +2387,8 @@ class _Flush(object):
 
     def resolve(self, plan, ids):
         """Settle the conflicts of ``ids`` with one read: record in
-        `outcomes` what became of each (`_RESEND` for those sent again), and
-        return the payloads to send again."""
+        `outcomes` those settled without a write, and return the payloads
+        to send again."""
         if self.on_conflict == 'raise':
             # Only an unknown outcome can turn out to be no conflict.
             ids = [id for id in ids if plan.entry(id).sent is not None]
@@ -2404,7 +2402,7 @@ class _Flush(object):
             outcome = self.settle(entry, rev, theirs)
             if outcome is _RESEND:
                 resend.append(entry.payload(self.inline_limit))
-            if outcome is not None:
+            elif outcome is not None:
                 self.outcomes[id] = outcome
         return resend
 
@@ -2493,9 +2491,16 @@ def _retryable(exc):
         exc.args[0] in _RETRYABLE_ERRORS
 
 
-def _never_sent(exc):
-    """Whether ``exc`` proves the request never reached the server (the
-    connection was refused)."""
+def _answered(exc):
+    """Whether ``exc``, raised by a write, proves the server did not apply
+    it: the connection was refused, or the server refused the request as a
+    whole (a status below 500; a server error may come after a part was
+    written)."""
+    if isinstance(exc, _HTTPError):
+        return not (isinstance(exc, _ServerError) and exc.args and
+                    isinstance(exc.args[0], tuple) and
+                    isinstance(exc.args[0][0], int) and
+                    exc.args[0][0] >= 500)
     return isinstance(exc, ConnectionRefusedError) or (
         isinstance(exc, OSError) and exc.args[:1] == (_errno.ECONNREFUSED,))
 
