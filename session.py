@@ -1159,11 +1159,13 @@ class _ItemsView(_abc.ItemsView):
     __slots__ = ()
 
     def __iter__(self):
+        # Lazy, as a dict's own view: a change of size while iterating
+        # raises RuntimeError.
         proxy = self._mapping
         entry = _entry_of(proxy)
-        return iter([(key, value if type(value) in _JSON_LEAVES else
-                      _wrap(value, entry, proxy, key))
-                     for key, value in _subject_of(proxy).items()])
+        return ((key, value if type(value) in _JSON_LEAVES else
+                 _wrap(value, entry, proxy, key))
+                for key, value in _subject_of(proxy).items())
 
 
 class _ValuesView(_abc.ValuesView):
@@ -1174,9 +1176,9 @@ class _ValuesView(_abc.ValuesView):
     def __iter__(self):
         proxy = self._mapping
         entry = _entry_of(proxy)
-        return iter([value if type(value) in _JSON_LEAVES else
-                     _wrap(value, entry, proxy, key)
-                     for key, value in _subject_of(proxy).items()])
+        return (value if type(value) in _JSON_LEAVES else
+                _wrap(value, entry, proxy, key)
+                for key, value in _subject_of(proxy).items())
 
 
 class _TrackedList(_Tracked):
@@ -1208,7 +1210,16 @@ class _TrackedList(_Tracked):
                 for index, value in enumerate(_subject_of(self)))
 
     def __reversed__(self):
-        return reversed(list(self))
+        # As a list's own reverse iterator: by index, stopping where the
+        # list became shorter than the next index.
+        subject = _subject_of(self)
+        entry = _entry_of(self)
+        index = len(subject) - 1
+        while 0 <= index < len(subject):
+            value = subject[index]
+            yield value if type(value) in _JSON_LEAVES else \
+                _wrap(value, entry, self, index)
+            index -= 1
 
     def __add__(self, other):
         if not isinstance(other, list):
@@ -1704,6 +1715,7 @@ class _Entry(object):
     def merge_base(self):
         """The version changes were made from: the one fetched, or the empty
         document for one created or adopted in the session."""
+        self.sync()
         if self.state is _NEW:
             return {}
         if self.copies is not None:

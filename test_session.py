@@ -3666,8 +3666,23 @@ def test_removing_items_while_iterating_acts_like_a_plain_list(db):
             if item == 2 or item == {'k': 1}:
                 items.remove(item)
     assert tracked == plain
+    for items in (tracked, plain):
+        for item in reversed(items):
+            if item == 3:
+                del items[:2]
+    assert tracked == plain
     S.flush()
     assert db['a']['items'] == plain
+
+
+def test_changing_a_dict_while_iterating_raises_like_a_plain_dict(db):
+    """A tracked dict's views are live, as a plain dict's are."""
+    put(db, 'a', d={'x': 1, 'y': {'z': 2}})
+    tracked = Session(db)['a']['d']
+    for view in (tracked.items, tracked.values, tracked.keys):
+        with pytest.raises(RuntimeError):
+            for _ in view():
+                tracked['new %d' % len(tracked)] = 0
 
 
 def test_a_whole_document_pickles_as_a_plain_document(db):
