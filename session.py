@@ -2099,25 +2099,48 @@ def _json_problem(value):
     message with a %s for the path)``, the keys leading to the bad value in
     reverse order. The path is only made for a bad value: this runs over
     every document a flush sends."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    elif isinstance(value, float):
-        if _math.isfinite(value):
+    try:
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        elif isinstance(value, float):
+            if _math.isfinite(value):
+                return None
+            return [], ValueError, 'the value at %%s is %r' % value
+        elif isinstance(value, (str, int, type(None))):
             return None
-        return [], ValueError, 'the value at %%s is %r' % value
-    elif isinstance(value, (str, int, type(None))):
+        else:
+            return [], TypeError, 'the value at %%s is a %s' % \
+                type(value).__name__
+        keyed = isinstance(value, dict)
+        for key, item in items:
+            if keyed and not isinstance(key, str):
+                return [], TypeError, _BAD_KEY % (key, '%s',
+                                                  type(key).__name__)
+            if type(item) in _JSON_LEAVES:
+                continue
+            problem = _json_problem(item)
+            if problem is not None:
+                problem[0].append(key)
+                return problem
         return None
-    else:
-        return [], TypeError, 'the value at %%s is a %s' % type(value).__name__
+    except RecursionError:
+        pass                    # too deep for the stack: see `_unwind`
+    return _unwind(_deep_json_problem(value))
+
+
+def _deep_json_problem(value):
+    """The iterative twin of `_json_problem` (see `_unwind`)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return _json_problem(value)         # no recursion for the others
     keyed = isinstance(value, dict)
-    for key, item in items:
+    for key, item in value.items() if keyed else enumerate(value):
         if keyed and not isinstance(key, str):
             return [], TypeError, _BAD_KEY % (key, '%s', type(key).__name__)
         if type(item) in _JSON_LEAVES:
             continue
-        problem = _json_problem(item)
+        problem = yield _deep_json_problem(item)
         if problem is not None:
             problem[0].append(key)
             return problem
@@ -2153,9 +2176,6 @@ class _Flush(object):
         self.plan = None        # the plan of the round being written
         self.outcomes = {}      # id: new rev or exception, in that round
         self.map = session._map
-        if session._writes is None:
-            session._writes = _without_retries(session.db.resource)
-        self.resource = session._writes
 
     def run(self):
         """Write rounds until the hooks add no work: the results, or
@@ -2186,6 +2206,15 @@ class _Flush(object):
         if self.failures:
             raise FlushError(self.results, self.failures)
         return self.results
+
+    @property
+    def resource(self):
+        """The database's resource that writes go through (made once per
+        session, on the first write)."""
+        session = self.session
+        if session._writes is None:
+            session._writes = _without_retries(session.db.resource)
+        return session._writes
 
     def was_written(self, key):
         outcome = self.outcomes.get(key[0])
@@ -2620,42 +2649,136 @@ def _generation(rev):
 def _merge(base, mine, theirs, path):
     """Three-way merge of JSON values; `_MISSING` stands for an absent
     dict key."""
-    if _same(mine, theirs):
+    try:
+        if _same_quick(mine, theirs):
+            return mine
+        if _same_quick(base, mine):
+            return theirs
+        if _same_quick(base, theirs):
+            return mine
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            older = base if isinstance(base, dict) else {}
+            merged = {}
+            for key in list(mine) + [key for key in theirs if key not in mine]:
+                value = _merge(older.get(key, _MISSING),
+                               mine.get(key, _MISSING),
+                               theirs.get(key, _MISSING),
+                               path + '/' + _escape(key))
+                if value is not _MISSING:
+                    merged[key] = value
+            return merged
+        raise _MergeConflict('both sides changed %s' % (path or '/'))
+    except RecursionError:
+        pass                    # too deep for the stack: see `_unwind`
+    return _unwind(_deep_merge(base, mine, theirs, path, {}))
+
+
+def _deep_merge(base, mine, theirs, path, memo):
+    """The iterative twin of `_merge` (see `_unwind`; ``memo`` is
+    `_deep_same`'s); keep the two in step."""
+    if (yield _deep_same(mine, theirs, False, memo)):
         return mine
-    if _same(base, mine):
+    if (yield _deep_same(base, mine, False, memo)):
         return theirs
-    if _same(base, theirs):
+    if (yield _deep_same(base, theirs, False, memo)):
         return mine
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        if not isinstance(base, dict):
-            base = {}
-        merged = {}
-        for key in list(mine) + [key for key in theirs if key not in mine]:
-            value = _merge(base.get(key, _MISSING), mine.get(key, _MISSING),
-                           theirs.get(key, _MISSING),
-                           path + '/' + _escape(key))
-            if value is not _MISSING:
-                merged[key] = value
-        return merged
-    raise _MergeConflict('both sides changed %s' % (path or '/'))
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+        raise _MergeConflict('both sides changed %s' % (path or '/'))
+    older = base if isinstance(base, dict) else {}
+    merged = {}
+    for key in list(mine) + [key for key in theirs if key not in mine]:
+        value = yield _deep_merge(older.get(key, _MISSING),
+                                  mine.get(key, _MISSING),
+                                  theirs.get(key, _MISSING),
+                                  path + '/' + _escape(key), memo)
+        if value is not _MISSING:
+            merged[key] = value
+    return merged
 
 
 # -- Copies and diffs ---------------------------------------------------------
 
+# Documents may be as deep as python-couchdb can send and read back: its
+# JSON codec is C, good for about as many levels as the recursion limit
+# (~990 of the default 1000). The helpers below recurse in Python, a frame
+# or two a level, and would fail at half that. Each keeps its recursion,
+# the fast way for ordinary documents, and has an iterative twin,
+# `_deep_<name>`: the same code as a generator that yields its nested calls
+# instead of making them, for `_unwind` to run from a loop with a stack of
+# its own, so that depth costs memory, not frames. A helper that meets
+# RecursionError runs its twin instead, with the same result: `_plain`,
+# `_materialize`, `_json_problem` and `_merge` at the level that met it
+# (they are pure); `_same` and the diffs (which append to a list) start
+# again from the top. The recursive diffs and `_merge` compare with `_same`
+# at every level, which for a deep document costs its depth squared: their
+# twins remember the comparisons they made (see `_deep_same`). The
+# recursion limit is left alone: it is the whole process's.
+
+def _unwind(call):
+    """The result of ``call``, a generator of a `_deep_*` twin, run to its
+    end: each generator it yields is a nested call, run in turn from here,
+    and its result sent back."""
+    stack, result = [], None
+    while True:
+        try:
+            nested = call.send(result)
+        except StopIteration as done:
+            if not stack:
+                return done.value
+            call, result = stack.pop(), done.value
+        else:
+            stack.append(call)
+            call, result = nested, None
+
+
 def _plain(value):
     """A deep copy of ``value`` made of plain dicts and lists (tuples become
     lists, proxies their subjects); anything else is kept as it is, for
-    `_check_json` to judge."""
+    `_check_json` to judge.
+
+    :raise ValueError: if ``value`` holds itself
+    """
+    try:
+        if isinstance(value, _Tracked):
+            value = _subject_of(value)
+        kind = type(value)
+        if kind is dict or (kind is not list and isinstance(value, dict)):
+            return {key: item if type(item) in _JSON_LEAVES else _plain(item)
+                    for key, item in value.items()}
+        if kind is list or isinstance(value, (list, tuple)):
+            return [item if type(item) in _JSON_LEAVES else _plain(item)
+                    for item in value]
+        return value
+    except RecursionError:
+        pass                    # too deep for the stack: see `_unwind`
+    return _unwind(_deep_plain(value, set()))
+
+
+def _deep_plain(value, held):
+    """The iterative twin of `_plain` (see `_unwind`). ``held`` are the ids
+    of the dicts and lists being copied around this one: a value holding
+    itself is too deep for any stack, and would fill the memory here."""
     if isinstance(value, _Tracked):
         value = _subject_of(value)
     kind = type(value)
-    if kind is dict or (kind is not list and isinstance(value, dict)):
-        return {key: item if type(item) in _JSON_LEAVES else _plain(item)
-                for key, item in value.items()}
-    if kind is list or isinstance(value, (list, tuple)):
-        return [item if type(item) in _JSON_LEAVES else _plain(item)
-                for item in value]
-    return value
+    keyed = kind is dict or (kind is not list and isinstance(value, dict))
+    if not keyed and not (kind is list or isinstance(value, (list, tuple))):
+        return value
+    if id(value) in held:
+        raise ValueError('a dict or list holds itself: JSON cannot carry it')
+    held.add(id(value))
+    if keyed:
+        copy = {}
+        for key, item in value.items():
+            copy[key] = item if type(item) in _JSON_LEAVES else (
+                yield _deep_plain(item, held))
+    else:
+        copy = []
+        for item in value:
+            copy.append(item if type(item) in _JSON_LEAVES else (
+                yield _deep_plain(item, held)))
+    held.remove(id(value))
+    return copy
 
 
 def _escape(key):
@@ -2667,6 +2790,18 @@ def _same(a, b, loose_numbers=False):
     """Whether ``a`` and ``b`` are the same JSON value: unlike ``==``,
     ``True`` is not ``1``, and ``1`` is not ``1.0`` unless
     ``loose_numbers``."""
+    try:
+        return _same_quick(a, b, loose_numbers)
+    except RecursionError:
+        pass                    # too deep for the stack: see `_unwind`
+    return _unwind(_deep_same(a, b, loose_numbers))
+
+
+def _same_quick(a, b, loose_numbers=False):
+    """`_same`, recursively: RecursionError if too deep for the stack. The
+    recursive diffs and `_merge` call it at every level, and let that
+    error reach their own fallback, which compares without repeating
+    itself (see `_deep_same`)."""
     if a is b:
         return True
     kind = type(a)
@@ -2686,14 +2821,41 @@ def _same(a, b, loose_numbers=False):
             pass
     if kind is dict:
         return len(a) == len(b) and all(
-            key in b and _same(value, b[key], loose_numbers)
+            key in b and _same_quick(value, b[key], loose_numbers)
             for key, value in a.items())
     if kind is list:
         return len(a) == len(b) and all(
-            _same(x, y, loose_numbers) for x, y in zip(a, b))
+            _same_quick(x, y, loose_numbers) for x, y in zip(a, b))
     return a == b
 
 
+def _deep_same(a, b, loose_numbers, memo=None):
+    """The iterative twin of `_same` (see `_unwind`), item by item: its
+    shortcuts in C recurse too. ``memo`` keeps the answers for pairs of
+    dicts or lists, with the pairs (so that their ids stay theirs), for the
+    twins that compare the parts of what they compared before: at every
+    level of a deep document, which would cost its depth squared."""
+    kind = type(a)
+    if a is b or kind is not type(b) or kind not in _CONTAINERS:
+        return _same_quick(a, b, loose_numbers)     # no recursion here
+    key = id(a), id(b)
+    if memo is not None and key in memo:
+        return memo[key][0]
+    same = len(a) == len(b)
+    if same and kind is dict:
+        for item, value in a.items():
+            if item not in b or not (
+                    yield _deep_same(value, b[item], loose_numbers, memo)):
+                same = False
+                break
+    elif same:
+        for x, y in zip(a, b):
+            if not (yield _deep_same(x, y, loose_numbers, memo)):
+                same = False
+                break
+    if memo is not None:
+        memo[key] = same, a, b
+    return same
 
 
 # Paths are (parent path, key) pairs, the root's is None: the JSON Pointer
@@ -2709,13 +2871,40 @@ def _pointer(path):
     return ''.join(reversed(keys))
 
 
+# The diffs of whole documents start at `_diff_dict` (against a whole
+# version) and `_diff_tracked` (against the copies made on write); the
+# helpers they call recurse, and each has its twin for deep documents.
+
+def _diff_dict(ops, path, old, new):
+    """Append to ``ops`` the JSON Patch operations turning dict ``old`` into
+    dict ``new`` (both at ``path``)."""
+    start = len(ops)
+    try:
+        return _diff_keys(ops, path, old, new)
+    except RecursionError:
+        del ops[start:]         # too deep for the stack: see `_unwind`
+    _unwind(_deep_diff_keys(ops, path, old, new, {}))
+
+
+def _diff_tracked(ops, path, current, copies, marked):
+    """Append to ``ops`` the changes of ``current``, a dict or list of the
+    document that was there at ``path`` before, following the marked ones
+    (see `_Entry`)."""
+    start = len(ops)
+    try:
+        return _diff_marked(ops, path, current, copies, marked)
+    except RecursionError:
+        del ops[start:]         # too deep for the stack: see `_unwind`
+    _unwind(_deep_diff_marked(ops, path, current, copies, marked, {}))
+
+
 def _diff_value(ops, path, old, new):
     """Append to ``ops`` the JSON Patch operations turning ``old`` into
     ``new`` (both at ``path``)."""
     kind = type(old)
     if kind is type(new):
         if kind is dict:
-            return _diff_dict(ops, path, old, new)
+            return _diff_keys(ops, path, old, new)
         if kind is list:
             return _diff_list(ops, path, old, new)
         if old == new:
@@ -2724,7 +2913,20 @@ def _diff_value(ops, path, old, new):
                 'was': _plain(old)})
 
 
-def _diff_dict(ops, path, old, new):
+def _deep_diff_value(ops, path, old, new, memo):
+    """The iterative twin of `_diff_value` (see `_unwind`; ``memo`` is
+    `_deep_same`'s)."""
+    kind = type(old)
+    if kind is not type(new) or kind not in _CONTAINERS:
+        _diff_value(ops, path, old, new)    # no recursion for these
+    elif kind is dict:
+        yield _deep_diff_keys(ops, path, old, new, memo)
+    else:
+        yield _deep_diff_list(ops, path, old, new, memo)
+
+
+def _diff_keys(ops, path, old, new):
+    """`_diff_value` of two dicts."""
     for key, value in old.items():
         if key not in new:
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
@@ -2735,9 +2937,28 @@ def _diff_dict(ops, path, old, new):
         if value is other or (type(value) in _JSON_LEAVES and
                               type(value) is type(other) and value == other):
             continue
-        if type(value) in _CONTAINERS and _same(value, other):
+        if type(value) in _CONTAINERS and _same_quick(value, other):
             continue
         _diff_value(ops, (path, key), value, other)
+    _diff_added(ops, path, old, new)
+
+
+def _deep_diff_keys(ops, path, old, new, memo):
+    """The iterative twin of `_diff_keys` (see `_unwind`; ``memo`` is
+    `_deep_same`'s); keep the two in step."""
+    for key, value in old.items():
+        if key not in new:
+            ops.append({'op': 'remove', 'path': _pointer((path, key)),
+                        'was': _plain(value)})
+            continue
+        other = new[key]
+        if value is other or (type(value) in _JSON_LEAVES and
+                              type(value) is type(other) and value == other):
+            continue
+        if type(value) in _CONTAINERS and (
+                yield _deep_same(value, other, False, memo)):
+            continue
+        yield _deep_diff_value(ops, (path, key), value, other, memo)
     _diff_added(ops, path, old, new)
 
 
@@ -2760,22 +2981,44 @@ class _BadKey(TypeError):
 def _materialize(value, copies):
     """A plain deep copy of the version ``value`` had before the changes
     recorded in ``copies`` (see `_Entry`)."""
+    try:
+        if type(value) not in _CONTAINERS and not isinstance(value, dict):
+            return value
+        recorded = copies.get(id(value))
+        if recorded is not None:
+            value = recorded[1]
+        if isinstance(value, dict):
+            return {key: item if type(item) in _JSON_LEAVES else
+                    _materialize(item, copies) for key, item in value.items()}
+        return [item if type(item) in _JSON_LEAVES else
+                _materialize(item, copies) for item in value]
+    except RecursionError:
+        pass                    # too deep for the stack: see `_unwind`
+    return _unwind(_deep_materialize(value, copies))
+
+
+def _deep_materialize(value, copies):
+    """The iterative twin of `_materialize` (see `_unwind`)."""
     if type(value) not in _CONTAINERS and not isinstance(value, dict):
         return value
     recorded = copies.get(id(value))
     if recorded is not None:
         value = recorded[1]
     if isinstance(value, dict):
-        return {key: item if type(item) in _JSON_LEAVES else
-                _materialize(item, copies) for key, item in value.items()}
-    return [item if type(item) in _JSON_LEAVES else
-            _materialize(item, copies) for item in value]
+        copy = {}
+        for key, item in value.items():
+            copy[key] = item if type(item) in _JSON_LEAVES else (
+                yield _deep_materialize(item, copies))
+        return copy
+    copy = []
+    for item in value:
+        copy.append(item if type(item) in _JSON_LEAVES else (
+            yield _deep_materialize(item, copies)))
+    return copy
 
 
-def _diff_tracked(ops, path, current, copies, marked):
-    """Append to ``ops`` the changes of ``current``, a dict or list of the
-    document that was there at ``path`` before, following the marked ones
-    (see `_Entry`)."""
+def _diff_marked(ops, path, current, copies, marked):
+    """`_diff_tracked`, recursively."""
     recorded = copies.get(id(current))
     if recorded is None:
         # Unchanged itself: only its marked children may hold changes,
@@ -2785,7 +3028,7 @@ def _diff_tracked(ops, path, current, copies, marked):
             keys = [key for key in current if key in keys] if \
                 isinstance(current, dict) else sorted(keys)
         for key in keys:
-            _diff_tracked(ops, (path, key), current[key], copies, marked)
+            _diff_marked(ops, (path, key), current[key], copies, marked)
         return
     before = recorded[1]
     if not isinstance(current, dict):
@@ -2795,7 +3038,7 @@ def _diff_tracked(ops, path, current, copies, marked):
         new = current.get(key, _MISSING)
         if new is old:
             if id(new) in marked and type(new) in _CONTAINERS:
-                _diff_tracked(ops, (path, key), new, copies, marked)
+                _diff_marked(ops, (path, key), new, copies, marked)
         elif new is _MISSING:
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _materialize(old, copies)})
@@ -2805,19 +3048,78 @@ def _diff_tracked(ops, path, current, copies, marked):
     _diff_added(ops, path, before, current)
 
 
+def _deep_diff_marked(ops, path, current, copies, marked, memo):
+    """The iterative twin of `_diff_marked` (see `_unwind`; ``memo`` is
+    `_deep_same`'s); keep the two in step."""
+    recorded = copies.get(id(current))
+    if recorded is None:
+        keys = marked[id(current)][1] if id(current) in marked else ()
+        if len(keys) > 1:
+            keys = [key for key in current if key in keys] if \
+                isinstance(current, dict) else sorted(keys)
+        for key in keys:
+            yield _deep_diff_marked(ops, (path, key), current[key], copies,
+                                    marked, memo)
+        return
+    before = recorded[1]
+    if not isinstance(current, dict):
+        yield _deep_diff_list(ops, path, [_materialize(item, copies)
+                                          for item in before], current, memo)
+        return
+    for key, old in before.items():
+        new = current.get(key, _MISSING)
+        if new is old:
+            if id(new) in marked and type(new) in _CONTAINERS:
+                yield _deep_diff_marked(ops, (path, key), new, copies, marked,
+                                        memo)
+        elif new is _MISSING:
+            ops.append({'op': 'remove', 'path': _pointer((path, key)),
+                        'was': _materialize(old, copies)})
+        elif not (type(old) in _JSON_LEAVES and type(old) is type(new) and
+                  old == new):
+            yield _deep_diff_value(ops, (path, key),
+                                   _materialize(old, copies), new, memo)
+    _diff_added(ops, path, before, current)
+
+
 def _diff_list(ops, path, old, new):
     # Skip the common head and tail; pair off the middles item by item, then
     # add what the new middle has more, or remove what the old has more.
     head, old_end, new_end = 0, len(old), len(new)
-    while head < old_end and head < new_end and _same(old[head], new[head]):
+    while head < old_end and head < new_end and \
+            _same_quick(old[head], new[head]):
         head += 1
     while (old_end > head and new_end > head and
-           _same(old[old_end - 1], new[new_end - 1])):
+           _same_quick(old[old_end - 1], new[new_end - 1])):
         old_end -= 1
         new_end -= 1
     paired = min(old_end, new_end) - head
     for index in range(head, head + paired):
         _diff_value(ops, (path, index), old[index], new[index])
+    for index in range(head + paired, new_end):
+        ops.append({'op': 'add', 'path': _pointer((path, index)),
+                    'value': _plain(new[index])})
+    for index in range(head + paired, old_end):
+        ops.append({'op': 'remove', 'path': _pointer((path, head + paired)),
+                    'was': _plain(old[index])})
+
+
+def _deep_diff_list(ops, path, old, new, memo):
+    """The iterative twin of `_diff_list` (see `_unwind`; ``memo`` is
+    `_deep_same`'s); keep the two in step."""
+    head, old_end, new_end = 0, len(old), len(new)
+    while head < old_end and head < new_end and (
+            yield _deep_same(old[head], new[head], False, memo)):
+        head += 1
+    while old_end > head and new_end > head and (
+            yield _deep_same(old[old_end - 1], new[new_end - 1], False,
+                             memo)):
+        old_end -= 1
+        new_end -= 1
+    paired = min(old_end, new_end) - head
+    for index in range(head, head + paired):
+        yield _deep_diff_value(ops, (path, index), old[index], new[index],
+                               memo)
     for index in range(head + paired, new_end):
         ops.append({'op': 'add', 'path': _pointer((path, index)),
                     'value': _plain(new[index])})

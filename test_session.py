@@ -14,7 +14,9 @@ went over the wire. In this order:
   policies, and connections that fail on the way, through the TCP forwarder
   of tools/forwarder.py (the `forwarder` and `remote` fixtures);
 - attachments: inline and uploaded, deleted, read, in conflicts and over
-  broken connections.
+  broken connections;
+- deep documents: as deep as python-couchdb can send, through a flush and
+  its conflicts, and 2000 levels deep without a server.
 """
 
 import base64
@@ -4627,3 +4629,287 @@ def test_upload_cut_twice_raises_and_the_next_flush_uploads(
     assert S.get_attachment('n', 'large.bin').read() == LARGE
     S.flush()
     assert_uploads_done_once(db, S)
+
+
+# -- Deep documents -----------------------------------------------------------
+
+# python-couchdb sends and reads back documents about as deep as the
+# recursion limit (its JSON codec is C), deeper than the session's helpers
+# could recurse: these documents reach that depth. ``==``, ``repr`` and json
+# would recurse over them too, so the tests look at them with `nest` and
+# `bottom`, which do not. The session works at any depth: the tests without
+# a server go to 2000 levels, over a dict standing in for the database.
+
+DEPTHS = [500, 900]
+
+
+def nest(depth, **bottom):
+    """The dict ``bottom`` under ``depth`` dicts, each the value of the key
+    'x' of the one above."""
+    value = bottom
+    for _ in range(depth):
+        value = {'x': value}
+    return value
+
+
+def bottom(value):
+    """``(depth, innermost dict)`` of a value made by `nest` (a tracked one
+    gives a tracked dict)."""
+    depth = 0
+    while 'x' in value:
+        value = value['x']
+        depth += 1
+    return depth, value
+
+
+def deep_doc(db, id, depth, **bottom_values):
+    """Write a document ``depth`` deep straight to the server."""
+    db.save(dict(nest(depth, **bottom_values), _id=id, top=0))
+
+
+def deep_change(db, id, **values):
+    """Another writer changes the bottom of a deep document."""
+    doc = db[id]
+    bottom(doc)[1].update(values)
+    db.save(doc)
+
+
+def deep_stored(db, id):
+    """``(depth, bottom, top-level keys)`` of the server's document."""
+    doc = db[id]
+    return bottom(doc) + (sorted(doc),)
+
+
+def path_to_bottom(depth, key):
+    return '/x' * depth + '/' + key
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+def test_a_deep_document_is_created_and_flushed(db, depth):
+    """A document as deep as python-couchdb can send is created, copied
+    and written in one flush, whole."""
+    data = nest(depth, v=[1, {'w': None}])
+    S = Session(db)
+    S.create(dict(data, _id='deep'))
+    bottom(data)[1]['v'] = 'changed after create'
+    [(ok, _, _)] = S.flush()
+    assert ok
+    assert deep_stored(db, 'deep') == (depth, {'v': [1, {'w': None}]},
+                                       ['_id', '_rev', 'x'])
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+def test_a_deep_document_read_back_is_edited_at_the_bottom(db, depth):
+    """A deep document read back and changed at the bottom: the diff is
+    that change, with its path, and flush writes it."""
+    deep_doc(db, 'deep', depth, v=0, gone=1)
+    S = Session(db)
+    doc = S['deep']
+    _, inner = bottom(doc)
+    inner['v'] = 1
+    del inner['gone']
+    inner['list'] = [nest(3, k='new')]
+    assert S.diff(doc) == [
+        {'op': 'replace', 'path': path_to_bottom(depth, 'v'), 'value': 1,
+         'was': 0},
+        {'op': 'remove', 'path': path_to_bottom(depth, 'gone'), 'was': 1},
+        {'op': 'add', 'path': path_to_bottom(depth, 'list'),
+         'value': [nest(3, k='new')]}]
+    S.flush()
+    assert deep_stored(db, 'deep') == (
+        depth, {'v': 1, 'list': [nest(3, k='new')]}, ['_id', '_rev', 'top',
+                                                     'x'])
+    assert generation(db, 'deep') == 2 and S.dirty == []
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+def test_a_deep_document_merges_with_a_concurrent_change(db, depth):
+    """'merge': changes at the bottom of a deep document on both sides, to
+    different keys, are merged and written on the server's revision, with
+    an ordinary document merged in the same flush."""
+    deep_doc(db, 'deep', depth, v=0, w=0)
+    put(db, 'other', v=0, w=0)
+    S = Session(db)
+    bottom(S['deep'])[1]['v'] = 'mine'
+    S['other']['v'] = 'mine'
+    deep_change(db, 'deep', w='theirs')
+    change(db, 'other', w='theirs')
+    S.flush(on_conflict='merge')
+    assert deep_stored(db, 'deep') == (depth, {'v': 'mine', 'w': 'theirs'},
+                                       ['_id', '_rev', 'top', 'x'])
+    assert content(db, 'other') == {'v': 'mine', 'w': 'theirs'}
+    assert generation(db, 'deep') == generation(db, 'other') == 3
+    assert bottom(S['deep'])[1] == {'v': 'mine', 'w': 'theirs'}
+    assert S.dirty == [] and S['deep'].rev == db['deep'].rev
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+def test_a_deep_conflict_is_reported_with_its_path(db, depth):
+    """'merge': the same bottom key changed on both sides of a deep
+    document is a real conflict naming its path; the ordinary document of
+    the same flush is written."""
+    deep_doc(db, 'deep', depth, v=0)
+    put(db, 'other', v=0)
+    S = Session(db)
+    bottom(S['deep'])[1]['v'] = 'mine'
+    S['other']['v'] = 'mine'
+    deep_change(db, 'deep', v='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict='merge')
+    assert list(caught.value.failures) == ['deep']
+    assert caught.value.failures['deep'].args[0] == (
+        'conflict', 'both sides changed ' + path_to_bottom(depth, 'v'))
+    assert deep_stored(db, 'deep')[1] == {'v': 'theirs'}
+    assert content(db, 'other') == {'v': 'mine'}
+    assert S.dirty == [S['deep']] and bottom(S['deep'])[1]['v'] == 'mine'
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+def test_a_deep_document_overwrites_a_concurrent_change(db, depth):
+    """'overwrite': the session's deep document replaces the server's,
+    with an ordinary document written in the same flush."""
+    deep_doc(db, 'deep', depth, v=0, w=0)
+    put(db, 'other', v=0)
+    S = Session(db)
+    bottom(S['deep'])[1]['v'] = 'mine'
+    S['other']['v'] = 'mine'
+    deep_change(db, 'deep', v='theirs', w='theirs')
+    S.flush(on_conflict='overwrite')
+    assert deep_stored(db, 'deep') == (depth, {'v': 'mine', 'w': 0},
+                                       ['_id', '_rev', 'top', 'x'])
+    assert content(db, 'other') == {'v': 'mine'}
+    assert generation(db, 'deep') == 3 and S.dirty == []
+
+
+# -- Deep documents: 2000 levels, no server -----------------------------------
+
+def held(depth, **bottom_values):
+    """A session over a dict standing in for the database (only ``S[id]``
+    reads it), holding document 'deep' ``depth`` deep."""
+    document = couchdb.Document(nest(depth, **bottom_values), _id='deep',
+                                _rev='1-a')
+    S = Session({'deep': document})
+    return S, S['deep']
+
+
+def test_a_2000_deep_value_is_copied_in_and_out():
+    """Values 2000 deep are deep-copied into the session and out of it:
+    changing the caller's value, or a copy, leaves the document alone; a
+    new document's diff adds them."""
+    data = nest(2000, v=[1])
+    S = Session(None)
+    doc = S[S.create(dict(data, _id='n'))]
+    bottom(data)[1]['v'].append('caller')
+    copies = [copy.deepcopy(doc), doc.copy(), doc['x'].copy()]
+    for copied in copies:
+        bottom(copied)[1]['v'].append('copy')
+        assert type(bottom(copied)[1]) is dict
+    assert [bottom(copied) for copied in copies] == [
+        (2000, {'v': [1, 'copy']}), (2000, {'v': [1, 'copy']}),
+        (1999, {'v': [1, 'copy']})]
+    assert bottom(doc) == (2000, {'v': [1]}) and S.dirty == []
+    [add_x, add_id] = S.diff(doc)
+    assert add_id == {'op': 'add', 'path': '/_id', 'value': 'n'}
+    assert add_x['op'] == 'add' and add_x['path'] == '/x'
+    assert bottom(add_x['value']) == (1999, {'v': [1]})
+
+
+def test_a_2000_deep_change_is_diffed_at_the_bottom():
+    """A change at the bottom of a 2000-deep document is diffed as that
+    change; one replacing the top then says what the top was (the version
+    fetched)."""
+    S, doc = held(2000, v=0)
+    bottom(doc)[1]['v'] = 1
+    assert S.diff(doc) == [{'op': 'replace', 'path': path_to_bottom(2000, 'v'),
+                            'value': 1, 'was': 0}]
+    doc['x']['x'] = 'flat'
+    [op] = S.diff(doc)
+    assert (op['op'], op['path'], op['value']) == ('replace', '/x/x', 'flat')
+    assert bottom(op['was']) == (1998, {'v': 0})
+
+
+def test_a_2000_deep_list_change_is_diffed_at_the_bottom():
+    """Lists nested 2000 deep: an item appended at the bottom is one
+    ``add``."""
+    content = [0]
+    for _ in range(2000):
+        content = [content]
+    document = couchdb.Document(_id='deep', _rev='1-a', l=content)
+    S = Session({'deep': document})
+    inner = S['deep']['l']
+    while isinstance(inner[0], list):
+        inner = inner[0]
+    inner.append(1)
+    assert S.diff(S['deep']) == [
+        {'op': 'add', 'path': '/l' + '/0' * 2000 + '/1', 'value': 1}]
+
+
+def test_a_bad_value_2000_deep_is_named_by_its_path():
+    """A value JSON cannot carry, 2000 deep, fails the flush naming its
+    path, before anything is sent."""
+    S = Session(None)       # nothing may reach a database
+    S.create(dict(nest(2000, v=[math.nan]), _id='n'))
+    with pytest.raises(ValueError) as caught:
+        S.flush()
+    assert "document 'n'" in str(caught.value)
+    assert 'the value at %s is nan' % (path_to_bottom(2000, 'v') + '/0') \
+        in str(caught.value)
+    S, doc = held(2000, v=0)
+    bottom(doc)[1][1] = 'int key'
+    with pytest.raises(TypeError) as caught:
+        S.flush()
+    assert 'the key 1 at %s is a int' % ('/x' * 2000) in str(caught.value)
+
+
+def test_a_value_that_holds_itself_is_refused():
+    """A dict holding itself cannot be copied in: ValueError, nothing
+    queued (it used to run out of stack)."""
+    loop = {'v': []}
+    loop['v'].append(loop)
+    S = Session(None)
+    with pytest.raises(ValueError, match='holds itself'):
+        S.create({'_id': 'n', 'loop': loop})
+    assert S.new == []
+
+
+def test_2000_deep_values_compare_as_json():
+    """`_same` at 2000 levels: equal is equal, 1 is not 1.0 (unless numbers
+    compare loosely) nor True, and one changed leaf differs."""
+    same = session._same
+    assert same(nest(2000, v=1), nest(2000, v=1))
+    assert not same(nest(2000, v=1), nest(2000, v=2))
+    assert not same(nest(2000, v=1), nest(2000, v=1.0))
+    assert same(nest(2000, v=1), nest(2000, v=1.0), loose_numbers=True)
+    assert not same(nest(2000, v=1), nest(2000, v=True), loose_numbers=True)
+    assert not same(nest(2000, v=1), nest(1999, v=1))
+
+
+def test_2000_deep_documents_merge_three_ways():
+    """The three-way merge at 2000 levels: changes to different bottom keys
+    merge; the same key changed differently is a conflict naming its
+    path."""
+    base = nest(2000, v=0, w=0)
+    merged = session._merge_documents(base, nest(2000, v=1, w=0),
+                                      nest(2000, v=0, w=2), False)
+    assert bottom(merged) == (2000, {'v': 1, 'w': 2})
+    with pytest.raises(session._MergeConflict) as caught:
+        session._merge_documents(base, nest(2000, v=1, w=0),
+                                 nest(2000, v=2, w=0), False)
+    assert str(caught.value) == 'both sides changed ' + \
+        path_to_bottom(2000, 'v')
+
+
+def test_2000_deep_versions_diff_at_the_bottom():
+    """The diff of two whole versions 2000 deep (as of a document created
+    or resolved in the session) finds the changes at the bottom, in
+    document order."""
+    old = nest(2000, v=0, l=[[1, 2]], gone=None)
+    new = nest(2000, v=1, l=[[1, 3]], added=True)
+    ops = []
+    session._diff_dict(ops, None, old, new)
+    at = path_to_bottom(2000, '')
+    assert ops == [
+        {'op': 'replace', 'path': at + 'v', 'value': 1, 'was': 0},
+        {'op': 'replace', 'path': at + 'l/0/1', 'value': 3, 'was': 2},
+        {'op': 'remove', 'path': at + 'gone', 'was': None},
+        {'op': 'add', 'path': at + 'added', 'value': True}]
