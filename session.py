@@ -1025,9 +1025,13 @@ def _in_place(proxy, root):
 
 def _make_plain(value):
     """Turn what a plain dict or list about to be adopted holds into plain
-    dicts, lists and scalars, in place: tracked values and tuples become
-    plain copies; plain dicts and lists inside it stay themselves."""
-    work = [value]
+    dicts, lists and scalars, in place: tracked values, tuples and a dict or
+    list met a second time become plain copies (a document holds no object
+    twice); plain dicts and lists inside it stay themselves.
+
+    :raise ValueError: if ``value`` holds itself
+    """
+    work, seen = [value], set([id(value)])
     while work:
         container = work.pop()
         items = container.items() if type(container) is dict else \
@@ -1036,7 +1040,8 @@ def _make_plain(value):
             kind = type(item)
             if kind in _JSON_LEAVES:
                 continue
-            if kind is dict or kind is list:
+            if (kind is dict or kind is list) and id(item) not in seen:
+                seen.add(id(item))
                 work.append(item)
             elif isinstance(item, (dict, list, tuple)):
                 container[key] = _plain(item)

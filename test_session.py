@@ -3465,6 +3465,26 @@ def test_a_plain_value_taken_out_of_the_document_is_no_longer_its(db):
     assert not S.has_changes()
 
 
+def test_a_plain_value_holding_itself_or_a_part_twice(db):
+    """A stored plain value holding itself is refused at once, changing
+    nothing; one holding a part twice gets a copy of the second."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    doc = S['a']
+    loop = {'v': []}
+    loop['v'].append(loop)
+    with pytest.raises(ValueError, match='holds itself'):
+        doc['loop'] = loop
+    assert not S.has_changes()
+    part = {'n': 0}
+    twice = {'x': part, 'y': part}
+    doc['twice'] = twice
+    assert twice['x'] is part and twice['y'] is not part
+    part['n'] = 1
+    S.flush()
+    assert db['a']['twice'] == {'x': {'n': 1}, 'y': {'n': 0}}
+
+
 def settle_a_conflict(db, forwarder, remote, path):
     """A session whose document 'a' (with children ``tags`` and ``meta``,
     kept by the caller) is settled by a flush along ``path``; returns the
