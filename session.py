@@ -508,7 +508,8 @@ class Session(object):
         """
         entry = self._live(doc)
         entry.attachments.delete(entry.id, filename,
-                                 entry.subject.get('_attachments'))
+                                 entry.subject.get('_attachments'),
+                                 entry.carried)
         self._map.wait(entry)
 
     # Flushing.
@@ -1531,15 +1532,26 @@ class _IdentityMap(object):
         entry.base = _plain(theirs) if theirs is not None else {}
         entry.copies = entry.marked = None
         entry.state = _DIRTY
-        entry.rev = entry.sent = None
+        entry.rev = entry.sent = entry.carried = None
         self.pending[entry.id] = entry
+
+    def landed(self, entry, rev):
+        """The write whose answer was lost reached the server, at ``rev``:
+        the attachment changes it carried are done, unless changed since."""
+        carried = entry.carried or {}
+        entry.sent = entry.carried = None
+        if entry.state is _DELETED:
+            return
+        subject = entry.subject
+        subject['_rev'] = rev
+        entry.attachments.landed(subject, carried)
 
     def clean(self, entry):
         """The document equals what the server has: nothing to write (but
         attachments may wait for their upload)."""
         entry.state = _CLEAN
         entry.base = entry.copies = entry.marked = None
-        entry.rev = entry.sent = None
+        entry.rev = entry.sent = entry.carried = None
         entry.snapshot_adopted()
         self.wait(entry)
 
@@ -1568,11 +1580,12 @@ class _IdentityMap(object):
         self.clean(entry)
 
     def wait(self, entry):
-        """Put a CLEAN entry in `pending` while it has attachment changes or
-        adopted values, and take it out when it has none."""
+        """Put a CLEAN entry in `pending` while it has attachment changes,
+        adopted values or a write of unknown outcome, and take it out when
+        it has none."""
         if entry.map is not self or entry.state is not _CLEAN:
             return
-        if entry.attachments or entry.adopted:
+        if entry.attachments or entry.adopted or entry.sent is not None:
             self.pending[entry.id] = entry
         else:
             self.pending.pop(entry.id, None)
@@ -1598,7 +1611,7 @@ class _Entry(object):
     through the `_IdentityMap`."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'map', 'sent', 'attachments', 'adopted')
+                 'map', 'sent', 'carried', 'attachments', 'adopted')
 
     def __init__(self, id, document, state, base=None, rev=None):
         self.id = id
@@ -1624,8 +1637,9 @@ class _Entry(object):
         self.map = None
         # What a write whose answer never came back had sent: until the
         # entry is settled, a server version equal to it is the session's
-        # own write (and only then: see `_Flush`).
-        self.sent = None
+        # own write (and only then: see `_Flush`). `carried` are the
+        # attachment changes it carried: {filename: _Attachment or None}.
+        self.sent = self.carried = None
         self.attachments = _PendingAttachments()
         # [[dict or list, its proxy, a deep copy or None]] of the plain
         # values the user stored in the document (see `_Tracked._own`):
@@ -1713,8 +1727,10 @@ class _Entry(object):
             payload['_rev'] = self.rev
         stubs = self.attachments.payload(payload.get('_attachments'),
                                          inline_limit)
-        if stubs is not None:
+        if stubs:
             payload['_attachments'] = stubs
+        elif stubs is not None:
+            payload.pop('_attachments', None)     # the last one deleted
         return payload
 
     def merge_base(self):
@@ -1821,11 +1837,12 @@ class _PendingAttachments(object):
     def put(self, filename, attachment):
         self.changes[filename] = attachment
 
-    def delete(self, id, filename, stubs):
+    def delete(self, id, filename, stubs, carried):
         """Queue the deletion of ``filename`` (``stubs``: the document's
-        ``_attachments``); deleting one put and not yet written just
-        forgets it."""
-        on_server = filename in (stubs or {})
+        ``_attachments``; ``carried``: the changes a write of unknown
+        outcome carried). Deleting one put and not yet written just forgets
+        it."""
+        on_server = filename in (stubs or {}) or filename in (carried or {})
         if self.changes.get(filename) is not None:
             if on_server:
                 self.changes[filename] = None
@@ -1888,6 +1905,21 @@ class _PendingAttachments(object):
         if not stubs:
             del subject['_attachments']
 
+    def landed(self, subject, carried):
+        """A write whose answer was lost, carrying the changes ``carried``,
+        reached the server: those still pending as they were are done."""
+        stubs = subject.setdefault('_attachments', {})
+        for filename, attachment in carried.items():
+            if self.changes.get(filename, _MISSING) is not attachment:
+                continue            # changed since
+            if attachment is None:
+                stubs.pop(filename, None)
+            else:
+                self.stub(stubs, filename, attachment)
+            del self.changes[filename]
+        if not stubs:
+            del subject['_attachments']
+
     def done(self, subject, filename, attachment):
         """An attachment was uploaded on its own."""
         self.stub(subject.setdefault('_attachments', {}), filename,
@@ -1907,14 +1939,11 @@ class _Attachment(object):
     """The content of an attachment put in the session, kept until the
     server has it: bytes, or a seekable file read from where it stood."""
 
-    __slots__ = ('content', 'content_type', 'start', 'size', 'md5',
-                 'unknown')
+    __slots__ = ('content', 'content_type', 'start', 'size', 'md5')
 
     def __init__(self, content, content_type):
         self.content_type = content_type
         self.md5 = None
-        # Whether an upload of it went out and its answer never came back.
-        self.unknown = False
         if isinstance(content, str):
             content = content.encode('utf-8')
         elif isinstance(content, _io.TextIOBase):
@@ -1972,16 +2001,6 @@ class _Attachment(object):
             self.md5 = 'md5-' + _base64.b64encode(md5.digest()).decode()
         return self.md5
 
-    def is_on(self, document, filename):
-        """Whether ``document`` (a server version) has this attachment."""
-        stub = ((document or {}).get('_attachments') or {}).get(filename)
-        # The digest too: another writer's file of the same size must not
-        # pass for this one (where the server's digest differs from MD5,
-        # as CouchDB's may, the upload is reported as a conflict instead).
-        return stub is not None and stub.get('length') == self.size and \
-            stub.get('content_type') == self.content_type and \
-            stub.get('digest') == self.digest()
-
 
 # -- Flush planning -----------------------------------------------------------
 
@@ -2013,13 +2032,15 @@ class _FlushPlan(object):
                 self.created.append(entry)
             else:
                 diff = entry.diff()
-                # A document sent by a flush whose connection failed goes
+                large = entry.attachments.large(inline_limit)
+                # A document whose last write's outcome is unknown goes
                 # again even if its changes cancelled out since: the server
-                # may hold what was sent.
-                if diff or entry.sent is not None or \
+                # may hold what was sent. (An upload that goes anyway meets
+                # the same conflict.)
+                if diff or (entry.sent is not None and not large) or \
                         entry.attachments.inline(inline_limit):
                     self.changed.append((entry, diff))
-                elif not entry.attachments.large(inline_limit):
+                elif not large:
                     self.unchanged.append(entry)
             if entry.attachments.large(inline_limit):
                 self.uploads.append(entry)
@@ -2330,7 +2351,10 @@ class _Flush(object):
             except Exception as exc:
                 if not _answered(exc):
                     for payload in batch:
-                        plan.entry(payload['_id']).sent = _plain(payload)
+                        entry = plan.entry(payload['_id'])
+                        entry.sent = _plain(payload)
+                        entry.carried = entry.attachments.inline(
+                            self.inline_limit)
                 if not (retry and _retryable(exc)):
                     raise
 
@@ -2384,17 +2408,8 @@ class _Flush(object):
         refusal."""
         try:
             answer = self.put(entry, filename, attachment)
-        except _ResourceConflict as exc:
-            if attachment.unknown:
-                # An earlier PUT of it may have reached the server.
-                rev, theirs = self.current([entry.id]).get(
-                    entry.id, (None, None))
-                if attachment.is_on(theirs, filename):
-                    self.map.uploaded(entry, filename, rev, attachment)
-                    return rev
-            return exc
         except _HTTPError as exc:
-            return exc
+            return exc          # a conflict goes to `settle` with the rest
         self.map.uploaded(entry, filename, answer['rev'], attachment)
         return answer['rev']
 
@@ -2411,7 +2426,13 @@ class _Flush(object):
                     rev=entry.subject.get('_rev'))[2]
             except Exception as exc:
                 if not _answered(exc):
-                    attachment.unknown = True
+                    # What the server holds if it applied the PUT: for
+                    # `settle` to recognise, as for bulk writes.
+                    sent = _plain(entry.subject)
+                    sent.setdefault('_attachments', {})[filename] = {
+                        'content_type': attachment.content_type,
+                        'length': attachment.size}
+                    entry.sent, entry.carried = sent, {filename: attachment}
                 if not (retry and _retryable(exc)):
                     raise
 
@@ -2458,11 +2479,9 @@ class _Flush(object):
         exception (refused), `_RESEND`, or ``None`` to keep the conflict."""
         mine = None if entry.state is _DELETED else entry.subject
         if entry.sent is not None and _same_write(entry.sent, theirs):
-            # The earlier write whose answer was lost reached the server.
-            if _same(_plain(entry.payload(self.inline_limit)), entry.sent):
-                self.map.written(entry, rev, entry.sent)
-                return rev
-            # It is the base of what was changed since.
+            # The earlier write whose answer was lost reached the server:
+            # it is the base of what was changed since.
+            self.map.landed(entry, rev)
             return self.settle_on(entry, mine, rev, theirs)
         if self.on_conflict == 'raise':
             return None
@@ -2499,8 +2518,7 @@ class _Flush(object):
                     ('not_found', 'missing'))
             self.map.delete(entry, rev)
             return _RESEND
-        there = theirs is not None and \
-            _same(_content(content), _content(theirs))
+        there = _same_write(content, theirs, loose_numbers=False)
         # Over a deletion, CouchDB takes a document without ``_rev`` (it
         # extends the deleted branch) and refuses one with the old one.
         self.map.rebase(entry, content, rev if theirs is not None else None,
@@ -2584,10 +2602,12 @@ def _content(document, leave_out=('_rev',)):
                 if key not in leave_out)
 
 
-def _same_write(sent, theirs):
+def _same_write(sent, theirs, loose_numbers=True):
     """Whether the server's version ``theirs`` (``None`` if deleted) is the
-    document ``sent`` (attachments sent inline compare by name, type and
-    length)."""
+    document ``sent``: the same content (numbers by value, unless not
+    ``loose_numbers``: a JavaScript server keeps 1.0 as 1), and attachments
+    of the same names, types and lengths (what the server says of them: its
+    digests may differ from the session's)."""
     if sent.get('_deleted') or theirs is None:
         return bool(sent.get('_deleted')) and theirs is None
     mine = sent.get('_attachments') or {}
@@ -2595,15 +2615,16 @@ def _same_write(sent, theirs):
     if set(mine) != set(stubs):
         return False
     for name, attachment in mine.items():
-        if 'data' in attachment and (
-                stubs[name].get('content_type') !=
-                attachment.get('content_type') or stubs[name].get('length')
-                != len(_base64.b64decode(attachment['data']))):
+        length = attachment.get('length')
+        if 'data' in attachment:
+            length = len(_base64.b64decode(attachment['data']))
+        if stubs[name].get('content_type') != \
+                attachment.get('content_type') or \
+                stubs[name].get('length') != length:
             return False
     leave_out = ('_rev', '_attachments')
-    # Numbers by value: a JavaScript server keeps 1.0 as 1.
     return _same(_content(sent, leave_out), _content(theirs, leave_out),
-                 loose_numbers=True)
+                 loose_numbers)
 
 
 def _merge_documents(base, mine, theirs, new):

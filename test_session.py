@@ -3581,6 +3581,67 @@ def lose_the_answer(S, forwarder):
         S.flush()
 
 
+def lose_the_attachment_answer(db, remote, forwarder, size):
+    """A session that put attachment f.txt on 'a' and whose flush lost the
+    answer (the bulk request's for a small one, the PUT's for a large one):
+    the server has it, the session cannot know."""
+    put(db, 'a', x=1)
+    S = Session(remote, max_inline_attachment=LIMIT)
+    S.put_attachment(S['a'], SIZES[size], 'f.txt')
+    forwarder.fail('drop_answer', times=2, when=is_bulk_docs if
+                   size == 'small' else lambda method, path: method == 'PUT')
+    with pytest.raises(OSError):
+        S.flush()
+    assert on_server(db, 'a', 'f.txt') == SIZES[size]
+    return S
+
+
+@pytest.mark.parametrize('size', ['small', 'large'])
+def test_deleting_an_attachment_after_its_lost_answer_deletes_it(
+        db, remote, forwarder, size):
+    """An attachment whose write's answer was lost may be on the server:
+    deleting it is a deletion, not a forgotten put."""
+    S = lose_the_attachment_answer(db, remote, forwarder, size)
+    S.delete_attachment('a', 'f.txt')
+    assert S.has_changes()
+    S.flush()
+    assert on_server(db, 'a', 'f.txt') is None
+    assert content(db, 'a') == {'x': 1} and not S.has_changes()
+    assert S['a']['_rev'] == db['a'].rev
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge'])
+@pytest.mark.parametrize('size', ['small', 'large'])
+def test_work_after_a_lost_attachment_answer_is_written_over_it(
+        db, remote, forwarder, size, policy):
+    """After a lost attachment answer, a change of the document is written
+    over the session's own write, which is not taken for another writer's
+    (no conflict, with 'raise' or 'merge'), and nothing is uploaded
+    twice."""
+    S = lose_the_attachment_answer(db, remote, forwarder, size)
+    S['a']['x'] = 2
+    S.put_attachment('a', b'g', 'g.txt')
+    S.flush(on_conflict=policy)
+    assert content(db, 'a')['x'] == 2
+    assert on_server(db, 'a', 'f.txt') == SIZES[size]
+    assert on_server(db, 'a', 'g.txt') == b'g'
+    assert generation(db, 'a') == 3 and S['a']['_rev'] == db['a'].rev
+    assert sorted(S['a']['_attachments']) == ['f.txt', 'g.txt']
+    assert not S.has_changes()
+
+
+@pytest.mark.parametrize('size', ['small', 'large'])
+def test_a_lost_attachment_answer_alone_is_settled_without_a_second_copy(
+        db, remote, forwarder, size):
+    """Nothing else to do after a lost attachment answer: the next flush
+    finds it on the server and writes no second revision."""
+    S = lose_the_attachment_answer(db, remote, forwarder, size)
+    assert S.has_changes()
+    S.flush()
+    assert generation(db, 'a') == 2 and S['a']['_rev'] == db['a'].rev
+    assert not S.has_changes() and S.flush() == []
+
+
 @pytest.mark.parametrize('policy', ['raise', 'merge'])
 def test_deleting_after_a_lost_answer_deletes(db, remote, forwarder, policy):
     """An edit whose answer was lost, then ``del S[id]``: the deletion goes
