@@ -966,11 +966,10 @@ class _Tracked(_ObjectWrapper):
         if kind in _JSON_LEAVES:
             return value
         entry = _entry_of(self)
-        if (kind is not dict and kind is not list) or \
-                entry.map is None or entry.owns(value):
+        if (kind is not dict and kind is not list) or entry.map is None or \
+                entry.map.owned.get(id(value)) is value:
             return _plain(value)
-        _make_plain(value)
-        entry.adopt(value, _wrap(value, entry, self, key))
+        entry.map.adopt(entry, value, _wrap(value, entry, self, key))
         return value
 
     def copy(self):
@@ -1024,15 +1023,22 @@ def _in_place(proxy, root):
         proxy = parent
 
 
-def _make_plain(value):
+def _make_plain(value, owned, seen):
     """Turn what a plain dict or list about to be adopted holds into plain
-    dicts, lists and scalars, in place: tracked values, tuples and a dict or
-    list met a second time become plain copies (a document holds no object
-    twice); plain dicts and lists inside it stay themselves.
+    dicts, lists and scalars, in place, and return its dicts and lists:
+    tracked values, tuples, and a dict or list met a second time (``seen``
+    has those met so far) or in ``owned`` (adopted by a document already)
+    become plain copies, since a document holds no object twice; other
+    plain dicts and lists inside it stay themselves. A ``value`` seen
+    already is one adopted inside another: nothing to do.
 
     :raise ValueError: if ``value`` holds itself
     """
-    work, seen = [value], set([id(value)])
+    if id(value) in seen:
+        return []
+    work = [value]
+    seen[id(value)] = value
+    parts = [value]
     while work:
         container = work.pop()
         items = container.items() if type(container) is dict else \
@@ -1041,11 +1047,14 @@ def _make_plain(value):
             kind = type(item)
             if kind in _JSON_LEAVES:
                 continue
-            if (kind is dict or kind is list) and id(item) not in seen:
-                seen.add(id(item))
+            if (kind is dict or kind is list) and id(item) not in seen and \
+                    owned.get(id(item)) is not item:
+                seen[id(item)] = item
+                parts.append(item)
                 work.append(item)
             elif isinstance(item, (dict, list, tuple)):
                 container[key] = _plain(item)
+    return parts
 
 
 _entry_of = _Tracked._entry.__get__
@@ -1452,7 +1461,7 @@ def _root(document, entry):
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
 
-    __slots__ = ('entries', 'pending')
+    __slots__ = ('entries', 'pending', 'owned')
 
     def __init__(self):
         # id: _Entry of every document the session holds: read, created,
@@ -1461,6 +1470,11 @@ class _IdentityMap(object):
         # id: _Entry a flush must look at. Flush looks nowhere else, so its
         # cost follows the number of changed documents, not of held ones.
         self.pending = {}
+        # id(dict or list): it, for each dict and list of the plain values
+        # the documents adopted (as of the adoption, or the last time the
+        # document was clean): the user holds references into them, and
+        # storing one elsewhere must copy it.
+        self.owned = {}
 
     def add(self, entry):
         entry.map = self
@@ -1552,8 +1566,38 @@ class _IdentityMap(object):
         entry.state = _CLEAN
         entry.base = entry.copies = entry.marked = None
         entry.rev = entry.sent = entry.carried = None
-        entry.snapshot_adopted()
+        if entry.adopted:
+            # Later changes of adopted values are found against copies of
+            # them as the server has them now. (Disowned first: one may hold
+            # another, adopted after it.)
+            records, entry.adopted, seen = entry.adopted, [], {}
+            for record in records:
+                self.disown(record[3])
+            for value, proxy, _, parts in records:
+                if _in_place(proxy, entry.subject):
+                    parts = self.own(value, seen)
+                    entry.adopted.append([value, proxy, _plain(value), parts])
         self.wait(entry)
+
+    def adopt(self, entry, value, proxy):
+        """``value``, a plain dict or list of the user's, becomes part of
+        the document of ``entry`` at the place of ``proxy``."""
+        if entry.adopted is None:
+            entry.adopted = []
+        entry.adopted.append([value, proxy, None, self.own(value, {})])
+
+    def own(self, value, seen):
+        """Make ``value`` plain (see `_make_plain`) and record its dicts
+        and lists as the documents'; return them."""
+        parts = _make_plain(value, self.owned, seen)
+        for part in parts:
+            self.owned[id(part)] = part
+        return parts
+
+    def disown(self, parts):
+        for part in parts:
+            if self.owned.get(id(part)) is part:
+                del self.owned[id(part)]
 
     def written(self, entry, rev, payload):
         """The server took ``payload``, the entry's write, giving ``rev``;
@@ -1597,6 +1641,8 @@ class _IdentityMap(object):
             self.pending.pop(entry.id, None)
             if self.entries.get(entry.id) is entry:
                 del self.entries[entry.id]
+        for record in entry.adopted or ():
+            self.disown(record[3])
         entry.map = None
         entry.copies = entry.marked = entry.adopted = None
         if entry.state is not _DELETED:
@@ -1641,11 +1687,12 @@ class _Entry(object):
         # attachment changes it carried: {filename: _Attachment or None}.
         self.sent = self.carried = None
         self.attachments = _PendingAttachments()
-        # [[dict or list, its proxy, a deep copy or None]] of the plain
-        # values the user stored in the document (see `_Tracked._own`):
-        # the user may change them through their own references, which no
-        # proxy sees, so they are compared with the copy taken when the
-        # document was last clean (`sync`). None when there are none.
+        # [[dict or list, its proxy, a deep copy or None, the dicts and
+        # lists in it]] of the plain values the user stored in the document
+        # (see `_Tracked._own`): the user may change them through their own
+        # references, which no proxy sees, so they are compared with the
+        # copy taken when the document was last clean (`sync`). None when
+        # there are none.
         self.adopted = None
 
     @property
@@ -1653,18 +1700,6 @@ class _Entry(object):
         return _subject_of(self.doc)
 
     # Adopted values.
-
-    def adopt(self, value, proxy):
-        """``value``, a plain dict or list of the user's, becomes part of
-        the document at the place of ``proxy``."""
-        if self.adopted is None:
-            self.adopted = []
-        self.adopted.append([value, proxy, None])
-
-    def owns(self, value):
-        """Whether ``value`` is one the document adopted already."""
-        return self.adopted is not None and \
-            any(record[0] is value for record in self.adopted)
 
     def sync(self):
         """Make the changes made to adopted values through the user's own
@@ -1674,8 +1709,9 @@ class _Entry(object):
         if not self.adopted or self.state is _DELETED:
             return
         for record in list(self.adopted):
-            value, proxy, before = record
+            value, proxy, before, parts = record
             if not _in_place(proxy, self.subject):
+                self.map.disown(parts)
                 self.adopted.remove(record)
                 continue
             if before is None or (self.state is _CLEAN and
@@ -1687,17 +1723,6 @@ class _Entry(object):
                     self.copies.get(id(value), (None, None))[1] is not before:
                 self.copies[id(value)] = (value, before)
                 _mark(self.marked, proxy)
-
-    def snapshot_adopted(self):
-        """Copy the adopted values still in place, as the server has them
-        now: later changes are found against these copies."""
-        if self.adopted:
-            kept = []
-            for value, proxy, _ in self.adopted:
-                if _in_place(proxy, self.subject):
-                    _make_plain(value)
-                    kept.append([value, proxy, _plain(value)])
-            self.adopted = kept
 
     # What a flush sends.
 

@@ -3440,13 +3440,36 @@ def test_a_value_of_a_document_stored_elsewhere_is_a_copy(db):
     doc = S['a']
     doc['y'] = doc['x']
     doc['y']['k'] = 2
-    shared = {'n': 0}
+    shared = {'n': 0, 'part': [0]}
     doc['p'] = shared
     doc['q'] = shared
+    doc['r'] = shared['part']
     shared['n'] = 1
+    shared['part'].append(1)
     S.flush()
-    assert content(db, 'a') == {'x': {'k': 1}, 'y': {'k': 2},
-                                'p': {'n': 1}, 'q': {'n': 0}}
+    assert content(db, 'a') == {
+        'x': {'k': 1}, 'y': {'k': 2}, 'p': {'n': 1, 'part': [0, 1]},
+        'q': {'n': 0, 'part': [0]}, 'r': [0]}
+
+
+def test_a_plain_value_stored_in_two_documents_is_the_first_ones(db):
+    """A plain value stored in a second document is copied there: another
+    writer's change of the second, read back by refresh(), leaves the first
+    alone."""
+    put(db, 'a')
+    put(db, 'b')
+    S = Session(db)
+    a, b = S['a'], S['b']
+    shared = {'s': 1}
+    a['sh'] = shared
+    b['sh'] = shared
+    S.flush()
+    change(db, 'b', sh={'s': 'theirs'})
+    S.refresh(b)
+    assert a['sh'] == {'s': 1} and not S.has_changes()
+    shared['s'] = 2
+    S.flush()
+    assert db['a']['sh'] == {'s': 2} and db['b']['sh'] == {'s': 'theirs'}
 
 
 def test_a_plain_value_taken_out_of_the_document_is_no_longer_its(db):
