@@ -2510,7 +2510,15 @@ class _Flush(object):
             return self.settle_on(entry, mine, rev, theirs)
         if self.on_conflict == 'raise':
             return None
-        base = entry.merge_base()
+        base = None
+        if entry.sent is not None and self.on_conflict != 'overwrite':
+            # It may have reached the server, below another writer's
+            # change: then the changes made since were made over it.
+            base = self.landed_below(entry, rev, theirs)
+            if base is not None:
+                self.map.landed(entry, rev)
+        if base is None:
+            base = entry.merge_base()
         if self.on_conflict == 'overwrite':
             content = mine
         elif self.on_conflict == 'merge':
@@ -2531,6 +2539,31 @@ class _Flush(object):
             except (TypeError, ValueError) as exc:
                 return exc
         return self.settle_on(entry, content, rev, theirs)
+
+    def landed_below(self, entry, rev, theirs):
+        """The session's own write whose answer was lost, as the server
+        has it in the history of its version ``theirs`` at ``rev``: the
+        revision after the one it was written over, if that holds what was
+        sent. ``None`` if it is not there or cannot be told (compaction
+        drops the bodies of old revisions). Two ``GET`` requests."""
+        sent = entry.sent
+        if theirs is None or sent.get('_deleted'):
+            return None
+        db = self.session.db
+        history = db.get(entry.id, rev=rev, revs='true') or {}
+        revisions = history.get('_revisions') or {}
+        ids = revisions.get('ids') or []
+        generation = _generation(sent.get('_rev')) + 1
+        index = revisions.get('start', 0) - generation
+        if not 0 < index < len(ids):
+            return None             # not below the current version
+        if sent.get('_rev') and (index + 1 >= len(ids) or sent['_rev'] !=
+                                 '%d-%s' % (generation - 1, ids[index + 1])):
+            return None             # on another branch
+        written = db.get(entry.id, rev='%d-%s' % (generation, ids[index]))
+        if written is None or not _same_write(sent, written):
+            return None
+        return _plain(written)
 
     def settle_on(self, entry, content, rev, theirs):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes

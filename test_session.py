@@ -3692,6 +3692,45 @@ def test_recreating_after_a_lost_deletion_creates(db, remote, forwarder):
     assert content(db, 'a') == {'v': 'new'} and not S.has_changes()
 
 
+@pytest.mark.parametrize('then', ['revert', 'change again'])
+def test_merge_after_a_lost_answer_and_another_writer_keeps_what_came_after(
+        db, remote, forwarder, then):
+    """A lost answer whose write reached the server, another writer's change
+    on top, then a revert (or another change) merged: the session's own
+    write, found in the server's history, is the base, so what the user did
+    after it wins over it."""
+    put(db, 'a', x=1)
+    S = Session(remote, on_conflict='merge')
+    S['a']['x'] = 2
+    lose_the_answer(S, forwarder)
+    S['a']['x'] = 1 if then == 'revert' else 3
+    change(db, 'a', y='them')
+    S.flush()
+    assert content(db, 'a') == {'x': 1 if then == 'revert' else 3,
+                                'y': 'them'}
+    assert S['a']['_rev'] == db['a'].rev and not S.has_changes()
+
+
+def test_a_resolver_after_a_lost_answer_gets_the_lost_write_as_base(
+        db, remote, forwarder):
+    """The resolver function's ``base`` is the session's own lost write
+    when the server's history shows it under the other writer's change."""
+    seen = []
+
+    def resolve(mine, theirs, base):
+        seen.append(base['x'])
+        return dict(theirs, x=mine['x'])
+
+    put(db, 'a', x=1)
+    S = Session(remote)
+    S['a']['x'] = 2
+    lose_the_answer(S, forwarder)
+    S['a']['x'] = 5
+    change(db, 'a', y='them')
+    S.flush(on_conflict=resolve)
+    assert seen == [2] and content(db, 'a') == {'x': 5, 'y': 'them'}
+
+
 def test_a_change_reverted_after_a_lost_answer_still_has_changes(
         db, remote, forwarder):
     """After a lost answer, reverting the change leaves work to do (the
