@@ -2298,7 +2298,10 @@ class _Flush(object):
         plan = self.plan_once()
         if not session._hooked('pre'):
             return plan
-        seen = set()
+        # The hook saw the documents an earlier flush sent with the answer
+        # lost: unchanged since, they are not new work.
+        seen = set(key for key in plan.keys()
+                   if self.sent_as_it_is(plan.entry(key[0])))
         for _ in range(session.max_hook_rounds):
             news = plan.only(lambda key: key not in seen)
             if not news:
@@ -2311,6 +2314,11 @@ class _Flush(object):
         raise RuntimeError(
             'flush() gave up after %d calls of the pre-flush hook: it keeps '
             'creating work. Nothing was sent.' % session.max_hook_rounds)
+
+    def sent_as_it_is(self, entry):
+        """Whether ``entry`` is what a write of unknown outcome sent."""
+        return entry.sent is not None and \
+            _same(_plain(entry.payload(self.inline_limit)), entry.sent)
 
     # Writing.
 

@@ -3768,6 +3768,28 @@ def test_post_flush_hook_sees_batches_written_before_a_failure(
     assert sorted(seen) == ['a', 'b', 'c', 'd'] == user_docs(db)
 
 
+@pytest.mark.parametrize('fault', ['drop_answer', 'cut_before'])
+def test_pre_flush_hook_is_not_applied_twice_after_a_lost_answer(
+        db, remote, forwarder, fault):
+    """A pre-flush hook stamps a change; the flush fails on the connection:
+    the retry sends the stamped document as it was, without stamping it
+    again."""
+    put(db, 'a', v=0)
+
+    def stamp(session, deleted, created, changed):
+        for doc, diff in changed:
+            doc['changes'] = doc.get('changes', 0) + 1
+
+    S = Session(remote, pre_flush_hook=stamp)
+    S['a']['v'] = 1
+    forwarder.fail(fault, when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    S.flush()
+    assert content(db, 'a') == {'v': 1, 'changes': 1}
+    assert generation(db, 'a') == 2
+
+
 @pytest.mark.parametrize('change_id', [
     lambda doc: doc.__setitem__('_id', 'other'),
     lambda doc: doc.__delitem__('_id'),
