@@ -2078,10 +2078,12 @@ class _FlushPlan(object):
         return self._by_id[id]
 
     def keys(self):
-        """``(id, kind)`` of each piece of work, to tell old work from new."""
+        """``(id, kind)`` of each piece of work, to tell old work from new
+        (a document whose only change is an upload is changed)."""
         return set([(e.id, 'deleted') for e in self.deleted] +
                    [(e.id, 'created') for e in self.created] +
-                   [(e.id, 'changed') for e, _ in self.changed])
+                   [(e.id, 'changed') for e, _ in self.changed] +
+                   [(e.id, 'changed') for e in self.uploads_only()])
 
     def only(self, wanted):
         """The part of the plan whose `keys` satisfy ``wanted(key)``."""
@@ -2090,10 +2092,15 @@ class _FlushPlan(object):
         part.created = [e for e in self.created if wanted((e.id, 'created'))]
         part.changed = [(e, d) for e, d in self.changed
                         if wanted((e.id, 'changed'))]
+        part.uploads = [e for e in self.uploads if wanted(
+            (e.id, 'created' if e in part.created else 'changed'))]
         return part
 
-    def without(self, ids):
-        return self.only(lambda key: key[0] not in ids)
+    def uploads_only(self):
+        """The entries whose only work is an upload."""
+        bulk = set(e.id for e in self.created)
+        bulk.update(e.id for e, _ in self.changed)
+        return [e for e in self.uploads if e.id not in bulk]
 
     def deleted_docs(self):
         return [e.doc_or_stub() for e in self.deleted]
@@ -2102,7 +2109,8 @@ class _FlushPlan(object):
         return [e.doc for e in self.created]
 
     def changed_docs(self):
-        return [(e.doc, d) for e, d in self.changed]
+        return [(e.doc, d) for e, d in self.changed] + \
+            [(e.doc, []) for e in self.uploads_only()]
 
     def payloads(self):
         """The documents to send, as plain dicts python-couchdb may encode
@@ -2226,6 +2234,10 @@ class _Flush(object):
         self.failures = {}      # id: exception, of the refused documents
         self.plan = None        # the plan of the round being written
         self.outcomes = {}      # id: new rev or exception, in that round
+        self.wrote = {}         # id: rev, of what that round wrote (a
+        #                         document refused in the end may have
+        #                         been written before: its body, then a
+        #                         conflicted upload)
         self.map = session._map
 
     def run(self):
@@ -2239,16 +2251,15 @@ class _Flush(object):
                 break
             try:
                 self.write(self.plan)
-            except Exception:
-                self.report(self.plan.only(self.was_written))
-                raise
-            refused = dict((id, outcome) for id, outcome
-                           in self.outcomes.items()
-                           if isinstance(outcome, Exception))
-            self.results.extend((id not in refused, id, outcome)
-                                for id, outcome in self.outcomes.items())
-            self.failures.update(refused)
-            self.report(self.plan.without(refused))
+            finally:
+                self.report(self.plan.only(
+                    lambda key: key[0] in self.wrote))
+            for id, outcome in self.outcomes.items():
+                if isinstance(outcome, Exception):
+                    if id in self.wrote:
+                        self.results.append((True, id, self.wrote[id]))
+                    self.failures[id] = outcome
+                self.results.append((id not in self.failures, id, outcome))
         else:
             raise RuntimeError(
                 'flush() gave up after %d rounds: the hooks keep creating '
@@ -2267,9 +2278,11 @@ class _Flush(object):
             session._writes = _without_retries(session.db.resource)
         return session._writes
 
-    def was_written(self, key):
-        outcome = self.outcomes.get(key[0])
-        return outcome is not None and not isinstance(outcome, Exception)
+    def record(self, id, outcome):
+        """The outcome of ``id``'s latest write or settling."""
+        self.outcomes[id] = outcome
+        if not isinstance(outcome, Exception):
+            self.wrote[id] = outcome
 
     def report(self, done):
         """Call the post-flush hook with the work of ``done``, if any."""
@@ -2326,7 +2339,7 @@ class _Flush(object):
         """Send ``plan``, upload its large attachments, and settle the
         conflicts of both, for at most `Session.max_conflict_rounds` rounds
         of one read and one write; the outcomes are in `outcomes`."""
-        self.outcomes = {}
+        self.outcomes, self.wrote = {}, {}
         payloads = plan.payloads()      # raises on bad values: nothing sent
         self.look_up_revisions(plan, payloads)
         self.send(plan, payloads)
@@ -2361,7 +2374,8 @@ class _Flush(object):
                            for row in self.post(plan, batch))
             for payload in batch:
                 id = payload['_id']
-                outcome = self.outcomes[id] = _outcome(answers.get(id))
+                outcome = _outcome(answers.get(id))
+                self.record(id, outcome)
                 entry = plan.entry(id)
                 if not isinstance(outcome, Exception):
                     self.map.written(entry, outcome, payload)
@@ -2431,8 +2445,8 @@ class _Flush(object):
                 continue
             for filename, attachment in entry.attachments.large(
                     self.inline_limit):
-                outcome = self.outcomes[entry.id] = self.upload_one(
-                    entry, filename, attachment)
+                outcome = self.upload_one(entry, filename, attachment)
+                self.record(entry.id, outcome)
                 if isinstance(outcome, Exception):
                     break
 
@@ -2503,7 +2517,7 @@ class _Flush(object):
             if outcome is _RESEND:
                 resend.append(entry.payload(self.inline_limit))
             elif outcome is not None:
-                self.outcomes[id] = outcome
+                self.record(id, outcome)
         return resend
 
     def settle(self, entry, rev, theirs):

@@ -3768,6 +3768,63 @@ def test_post_flush_hook_sees_batches_written_before_a_failure(
     assert sorted(seen) == ['a', 'b', 'c', 'd'] == user_docs(db)
 
 
+def hook_calls(calls, when):
+    """A hook that records ``(when, deleted ids, created ids, changed
+    (id, diff))`` in ``calls``."""
+    def hook(session, deleted, created, changed):
+        calls.append((when, [d['_id'] for d in deleted],
+                      [d['_id'] for d in created],
+                      [(d['_id'], diff) for d, diff in changed]))
+    return hook
+
+
+def test_hooks_see_a_document_whose_only_change_is_an_upload(db):
+    """A large attachment alone is a change the hooks see, as a small one
+    is."""
+    put(db, 'a', x=1)
+    calls = []
+    S = Session(db, max_inline_attachment=4,
+                pre_flush_hook=hook_calls(calls, 'pre'),
+                post_flush_hook=hook_calls(calls, 'post'))
+    S.put_attachment(S['a'], b'large content', 'f.bin')
+    S.flush()
+    assert calls == [('pre', [], [], [('a', [])]),
+                     ('post', [], [], [('a', [])])]
+
+
+def test_a_body_written_before_a_conflicted_upload_is_reported(
+        db, remote, forwarder):
+    """The bulk write of a document succeeds and its upload then meets
+    another writer's change: the results and the post-flush hook show the
+    body write, and the failure stays pending for the next flush."""
+    put(db, 'a', x=1)
+    calls = []
+    S = Session(remote, max_inline_attachment=4,
+                post_flush_hook=hook_calls(calls, 'post'))
+    doc = S['a']
+    doc['x'] = 2
+    S.put_attachment(doc, b'large content', 'f.bin')
+    meddled = []
+
+    def another_writer_first(method, path):
+        if method == 'PUT' and not meddled:
+            meddled.append(change(db, 'a', y='them'))
+        return False                    # the PUT itself goes through
+
+    forwarder.fail('pass', when=another_writer_first)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert meddled and db['a']['x'] == 2 and db['a']['y'] == 'them'
+    assert (True, 'a', doc['_rev']) in caught.value.results
+    assert (False, 'a', caught.value.failures['a']) in caught.value.results
+    assert calls == [('post', [], [],
+                      [('a', [{'op': 'replace', 'path': '/x', 'value': 2,
+                               'was': 1}])])]
+    S.flush(on_conflict='merge')
+    assert on_server(db, 'a', 'f.bin') == b'large content'
+    assert content(db, 'a')['y'] == 'them'
+
+
 @pytest.mark.parametrize('fault', ['drop_answer', 'cut_before'])
 def test_pre_flush_hook_is_not_applied_twice_after_a_lost_answer(
         db, remote, forwarder, fault):
