@@ -133,10 +133,11 @@ from tools.localserver import temporary_database
 #    broken flush and deleted again may be reported so, or not.
 
 
+#: The rule families `SESSION_MODEL_SKIP` may name ('large': attachments
+#: larger than `max_inline_attachment`).
+FAMILIES = {'plain', 'attachments', 'large', 'faults', 'writer', 'clear',
+            'create', 'delete', 'merge', 'overwrite', 'resolve'}
 SKIP = set(filter(None, os.environ.get('SESSION_MODEL_SKIP', '').split(',')))
-#: The rule families `SESSION_MODEL_SKIP` may name.
-FAMILIES = {'plain', 'attachments', 'faults', 'writer', 'clear', 'create',
-            'delete', 'merge', 'overwrite', 'resolve'}
 assert SKIP <= FAMILIES, 'unknown rule families: %s' % (SKIP - FAMILIES)
 
 settings.register_profile(
@@ -150,6 +151,13 @@ settings.register_profile(
                            HealthCheck.filter_too_much])
 PROFILE = 'stateful-soak' if os.environ.get('SESSION_SOAK') == '1' else \
     'stateful-ci'
+if os.environ.get('SESSION_MODEL_STEPS'):      # for debugging
+    settings.register_profile(
+        'stateful-debug', settings.get_profile(PROFILE),
+        stateful_step_count=int(os.environ['SESSION_MODEL_STEPS']),
+        max_examples=int(os.environ.get('SESSION_MODEL_EXAMPLES', 300)),
+        report_multiple_bugs=False)
+    PROFILE = 'stateful-debug'
 
 #: The document ids the session and the writer share.
 IDS = ['a', 'b', 'c']
@@ -169,8 +177,8 @@ values = st.recursive(
 containers = st.lists(values, max_size=3) | st.dictionaries(keys, values,
                                                             max_size=3)
 bodies = st.dictionaries(keys, containers | values, max_size=4)
-contents = st.sampled_from([b'', b'one', b'two', b'three', b'0123456789',
-                            b'large content'])
+contents = st.sampled_from([b'', b'one', b'two', b'three'] + (
+    [b'0123456789', b'large content'] if 'large' not in SKIP else []))
 
 RESOLVER_CHOICES = ['mine', 'theirs', 'theirs and my fields', 'none']
 
@@ -377,12 +385,17 @@ class Ref(object):
     or, if ``plain``, the user's own plain value stored into a document;
     ``mirror`` the model's object at the same place."""
 
+    serial = 0
+
     def __init__(self, id, obj, mirror, plain=False):
         self.id, self.obj, self.mirror, self.plain = id, obj, mirror, plain
+        Ref.serial += 1
+        self.number = Ref.serial
 
     def __repr__(self):
-        return '<%s ref into %r: %r>' % ('plain' if self.plain else 'tracked',
-                                         self.id, self.mirror)
+        return '<%s ref #%d into %r: %r>' % (
+            'plain' if self.plain else 'tracked', self.number, self.id,
+            self.mirror)
 
 
 class Outcome(object):
@@ -488,6 +501,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.held[id] = Held('fetched', doc, body(doc), version,
                              version.attachments)
         self.refs.append(Ref(id, doc, self.held[id].mirror))
+        note('kept %r' % self.refs[-1])
 
     # -- Rules: reading and keeping references.
 
@@ -563,6 +577,7 @@ class SessionMachine(RuleBasedStateMachine):
                 child = obj[key]
         assert same(copy.deepcopy(child), ref.mirror[key])
         self.refs.append(Ref(ref.id, child, ref.mirror[key], ref.plain))
+        note('kept %r' % self.refs[-1])
 
     def root_of(self, ref):
         held = self.held.get(ref.id)
@@ -681,7 +696,7 @@ class SessionMachine(RuleBasedStateMachine):
             if op == 'insert':
                 index = data.draw(st.integers(0, n), label='at')
             note('%r: %s with i=%r v=%r' % (ref, op, index, value))
-            item = copy.deepcopy(mirror[index]) if n else None
+            item = copy.deepcopy(mirror[index]) if op == 'remove' else None
             for side in (target, mirror):
                 v = copy.deepcopy(value)
                 if op == 'append':
@@ -772,6 +787,11 @@ class SessionMachine(RuleBasedStateMachine):
             # Maybe created by a broken flush, or deleted by id first:
             # deleted at the server's revision at flush time.
             self.held[id] = Held('deleted by id', None, None, None, {})
+            if id not in [doc['_id'] for doc in self.S.deleted]:
+                # The session knows its create never reached the server.
+                assert id in self.unsure and id not in self.landed, \
+                    'the deletion of %r was dropped' % id
+                del self.held[id]
         else:
             del self.held[id]       # created and deleted: nothing to send
 
@@ -780,7 +800,8 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: 'attachments' not in SKIP)
     @rule(data=st.data(), content=contents)
     def put_attachment(self, data, content):
-        live = sorted(id for id, held in self.held.items() if held.live)
+        live = [id for id in self.ids() if id in self.held and
+                self.held[id].live]
         if not live:
             return
         id = data.draw(st.sampled_from(live), label='id')
@@ -792,7 +813,8 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: 'attachments' not in SKIP)
     @rule(data=st.data())
     def delete_attachment(self, data):
-        live = sorted(id for id, held in self.held.items() if held.live)
+        live = [id for id in self.ids() if id in self.held and
+                self.held[id].live]
         if not live:
             return
         id = data.draw(st.sampled_from(live), label='id')
@@ -903,7 +925,8 @@ class SessionMachine(RuleBasedStateMachine):
 
     def resolver(self, choice, calls):
         def resolve(mine, theirs, base):
-            calls.append((mine or theirs)['_id'])
+            calls.append(next((side['_id'] for side in (mine, theirs, base)
+                               if side and '_id' in side), None))
             if choice == 'none':
                 return None
             if choice == 'mine' or theirs is None or (
@@ -923,6 +946,11 @@ class SessionMachine(RuleBasedStateMachine):
         mine, mine_atts = held.mine()
         if id in self.landed:
             return self.expect_settling(id, held, version, mine, mine_atts)
+        if id in self.unsure and held.kind == 'deleted by id':
+            # Created, sent by a broken flush that did not reach the server,
+            # deleted: reported as missing, or not (rule 10).
+            outcomes = self.expect_plainly(id, held, version, policy, choice)
+            return outcomes + [Outcome('unchanged', why='rule 10')]
         if id in self.unsure and not held.has_work():
             # Sent by the broken flush, changed back since: the session may
             # send it again (and meet a conflict if the server moved).
@@ -1032,6 +1060,15 @@ class SessionMachine(RuleBasedStateMachine):
             return [written(mine, as_mine, 'overwrite',
                             taken=True)] + maybe_refused
         if policy == 'merge':
+            if ABSENT in (mine, theirs) and base is not ABSENT:
+                # A deletion against the other side's version: a conflict
+                # unless that side changed nothing, attachments included.
+                body_, atts = (mine, mine_atts) if theirs is ABSENT else \
+                    (theirs, theirs_atts)
+                if same(body_, base) and atts == base_atts:
+                    return [written(ABSENT, {}, 'merged into a deletion')]
+                conflict.why = 'deleted against a change'
+                return [conflict]
             try:
                 merged = three_way(base, mine, theirs)
                 merged_atts = merge_attachments(base_atts, mine_atts,
@@ -1083,6 +1120,21 @@ class SessionMachine(RuleBasedStateMachine):
         expected = dict((id, self.expect(id, policy, choice))
                         for id, held in sorted(self.held.items())
                         if held.has_work() or id in self.unsure)
+        if fault is not None:
+            # python-couchdb may retry a failed request by itself, and the
+            # session cannot know whether the first attempt reached the
+            # server: a server holding just what the session sends may be
+            # taken for its own write.
+            for id, outcomes in expected.items():
+                held, version = self.held[id], self.server.get(id)
+                mine, mine_atts = held.mine()
+                if mine is not ABSENT and version is not None and \
+                        version.body is not None and \
+                        same(mine, version.body) and \
+                        mine_atts == version.attachments:
+                    outcomes.append(Outcome(
+                        'written', mine, exact(mine_atts), gens=[version.gen],
+                        why='maybe its own write, retried'))
         for id, outcomes in expected.items():
             note('expected for %r: %r' % (id, outcomes))
         calls = []
@@ -1173,6 +1225,9 @@ class SessionMachine(RuleBasedStateMachine):
         elif outcome.kind == 'unchanged' and outcome.error is not None:
             reported = id in failures and isinstance(failures[id],
                                                      outcome.error)
+            if outcome.error is Exception:      # refused, not a conflict
+                reported = reported and not isinstance(
+                    failures[id], couchdb.ResourceConflict)
         else:
             reported = id not in failures
         if not reported:
@@ -1203,8 +1258,10 @@ class SessionMachine(RuleBasedStateMachine):
         """Make the model what ``outcome`` left."""
         held = self.held[id]
         if outcome.kind == 'unchanged':
-            if outcome.error is couchdb.ResourceNotFound:
-                del self.held[id]       # reported, and forgotten
+            if outcome.error is couchdb.ResourceNotFound or (
+                    held.kind == 'deleted by id' and not broken and
+                    id not in [doc['_id'] for doc in self.S.deleted]):
+                del self.held[id]       # reported (or not), and forgotten
             return
         version = self.observe(id, seen)
         if version is not None and version.body is not None:
@@ -1226,7 +1283,11 @@ class SessionMachine(RuleBasedStateMachine):
         assert ok.get(id) == version.rev, \
             'results give %r for %r, the server has %s' % (
                 ok.get(id), id, version.rev)
-        if not same(held.mirror, outcome.body):
+        if held.doc is None:
+            # A resolution brought back a document deleted in the session.
+            held.doc, held.mirror = self.S[id], copy.deepcopy(outcome.body)
+            self.refs.append(Ref(id, held.doc, held.mirror))
+        elif not same(held.mirror, outcome.body):
             self.repoint(id, outcome.body)
         held.kind, held.base = 'fetched', version
         held.attachments = dict(version.attachments)
@@ -1327,7 +1388,10 @@ class SessionMachine(RuleBasedStateMachine):
                 continue
             # Rule 6: needed if the server differs from the user's intent.
             version = self.landed.get(id, ())
-            if version == ():
+            if version == () and held.mine()[0] is ABSENT:
+                server = self.server.get(id)
+                differs = server is not None and server.body is not None
+            elif version == ():
                 differs = held.has_work()
             else:
                 mine, mine_atts = held.mine()
