@@ -2382,7 +2382,7 @@ class _Flush(object):
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
                     # answered a conflict had it applied an earlier write.
-                    entry.sent = None
+                    entry.sent = entry.carried = None
 
     def post(self, plan, batch):
         """The answer rows of one ``POST _bulk_docs``. A request whose
@@ -2667,7 +2667,6 @@ def _outcome(row):
         cls = _ROW_ERRORS.get(row['error'], _ServerError)
         return cls((row['error'], row.get('reason')))
     return row['rev']
-
 
 
 # -- Conflicts ----------------------------------------------------------------
