@@ -949,7 +949,18 @@ class _Tracked(_ObjectWrapper):
         subject = _subject_of(self)
         if id(subject) in copies:
             return
-        copies[id(subject)] = (subject, subject.copy())
+        before = subject.copy()
+        snapshots = entry.map.snapshots
+        if snapshots:
+            # A plain value the document adopted may still be changed
+            # through the user's reference, even once out of the document:
+            # the version before holds its copy as the server has it.
+            for key, child in (before.items() if type(before) is dict
+                               else enumerate(before)):
+                held = snapshots.get(id(child))
+                if held is not None and held[0] is child:
+                    before[key] = held[1]
+        copies[id(subject)] = (subject, before)
         _mark(entry.marked, self)
 
     def _own(self, value, key):
@@ -1461,7 +1472,7 @@ def _root(document, entry):
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
 
-    __slots__ = ('entries', 'pending', 'owned')
+    __slots__ = ('entries', 'pending', 'owned', 'snapshots')
 
     def __init__(self):
         # id: _Entry of every document the session holds: read, created,
@@ -1475,6 +1486,9 @@ class _IdentityMap(object):
         # document was clean): the user holds references into them, and
         # storing one elsewhere must copy it.
         self.owned = {}
+        # id(adopted value): (it, its copy as of the last time its document
+        # was clean).
+        self.snapshots = {}
 
     def add(self, entry):
         entry.map = self
@@ -1576,7 +1590,9 @@ class _IdentityMap(object):
             for value, proxy, _, parts in records:
                 if _in_place(proxy, entry.subject):
                     parts = self.own(value, seen)
-                    entry.adopted.append([value, proxy, _plain(value), parts])
+                    before = _plain(value)
+                    self.snapshots[id(value)] = (value, before)
+                    entry.adopted.append([value, proxy, before, parts])
         self.wait(entry)
 
     def adopt(self, entry, value, proxy):
@@ -1598,6 +1614,9 @@ class _IdentityMap(object):
         for part in parts:
             if self.owned.get(id(part)) is part:
                 del self.owned[id(part)]
+            held = self.snapshots.get(id(part))
+            if held is not None and held[0] is part:
+                del self.snapshots[id(part)]
 
     def written(self, entry, rev, payload):
         """The server took ``payload``, the entry's write, giving ``rev``;
@@ -2455,6 +2474,11 @@ class _Flush(object):
         refusal."""
         try:
             answer = self.put(entry, filename, attachment)
+        except _ResourceNotFound:
+            # The document was deleted on the server: a conflict, as a bulk
+            # write of it would be.
+            return _ResourceConflict(('conflict', 'the document is deleted '
+                                      'on the server'))
         except _HTTPError as exc:
             return exc          # a conflict goes to `settle` with the rest
         self.map.uploaded(entry, filename, answer['rev'], attachment)

@@ -3472,6 +3472,23 @@ def test_a_plain_value_stored_in_two_documents_is_the_first_ones(db):
     assert db['a']['sh'] == {'s': 2} and db['b']['sh'] == {'s': 'theirs'}
 
 
+def test_a_replaced_plain_value_changed_afterwards_leaves_the_change(db):
+    """A plain value adopted, flushed, then replaced in the document and
+    changed through the user's old reference: the old value is no longer
+    the document's, and the replacement is still written."""
+    S = Session(db)
+    doc = S[S.create({})]
+    old = {'a': 0}
+    doc['x'] = old
+    S.flush()
+    doc['x'] = {'a': []}
+    old['a'] = []
+    assert S.diff(doc) == [{'op': 'replace', 'path': '/x/a', 'value': [],
+                            'was': 0}]
+    S.flush()
+    assert db[doc['_id']]['x'] == {'a': []}
+
+
 def test_a_plain_value_taken_out_of_the_document_is_no_longer_its(db):
     """A stored plain value that is replaced is the document's no more:
     changes through the user's reference are not written."""
@@ -3790,6 +3807,21 @@ def test_hooks_see_a_document_whose_only_change_is_an_upload(db):
     S.flush()
     assert calls == [('pre', [], [], [('a', [])]),
                      ('post', [], [], [('a', [])])]
+
+
+def test_an_upload_to_a_document_deleted_on_the_server_is_a_conflict(db):
+    """A large attachment for a document another writer deleted: a
+    conflict (the server answers the PUT not_found), settled as any."""
+    put(db, 'a', x=1)
+    S = Session(db, max_inline_attachment=4)
+    S.put_attachment(S['a'], b'large content', 'f.bin')
+    db.delete(db['a'])
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    S.flush(on_conflict='overwrite')
+    assert on_server(db, 'a', 'f.bin') == b'large content'
+    assert content(db, 'a')['x'] == 1
 
 
 def test_a_body_written_before_a_conflicted_upload_is_reported(
