@@ -1727,12 +1727,13 @@ class _Entry(object):
         adopted value against its copy."""
         if not self.adopted or self.state is _DELETED:
             return
-        for record in list(self.adopted):
+        records, self.adopted = self.adopted, []
+        for record in records:
             value, proxy, before, parts = record
             if not _in_place(proxy, self.subject):
                 self.map.disown(parts)
-                self.adopted.remove(record)
                 continue
+            self.adopted.append(record)
             if before is None or (self.state is _CLEAN and
                                   _same(value, before)):
                 continue        # stored since the base: diffed in full
@@ -2230,6 +2231,10 @@ def _deep_json_problem(value):
 # What `_Flush.settle` returns for a document to send again.
 _RESEND = object()
 
+# What `_Flush.landed_below` returns when the server's history shows that a
+# lost write did not reach it.
+_NOT_THERE = object()
+
 
 class _Flush(object):
     """One `Session.flush()` call: plans each bulk request (calling the
@@ -2426,15 +2431,29 @@ class _Flush(object):
 
     def look_up_revisions(self, plan, payloads):
         """Fill in the ``_rev`` of deletions (and re-creations) of documents
-        the session never fetched, with one ``POST _all_docs``."""
+        the session never fetched, with one ``POST _all_docs``. A document
+        created by a write whose answer was lost, then deleted, is deleted
+        only if the server holds what that write sent: anything else there
+        is another writer's, a conflict for `settle`."""
         ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
         if not ids:
             return
+        unsure = set(id for id in ids if plan.entry(id).sent is not None)
         revs = {}
-        for row in self.session.db.view('_all_docs', keys=ids):
+        for row in self.session.db.view('_all_docs', keys=ids,
+                                        include_docs=bool(unsure)):
             value = row.get('value') or {}
-            if 'error' not in row and not value.get('deleted'):
-                revs[row['id']] = value['rev']
+            if 'error' in row or value.get('deleted'):
+                continue
+            id = row['id']
+            if id in unsure and not _same_write(plan.entry(id).sent,
+                                                row['doc']):
+                self.record(id, _ResourceConflict(
+                    ('conflict', 'the server holds a document this session '
+                     'did not write')))
+                payloads[:] = [p for p in payloads if p['_id'] != id]
+                continue
+            revs[id] = value['rev']
         for payload in payloads:
             if payload.get('_rev') is not _LOOKUP:
                 continue
@@ -2549,20 +2568,28 @@ class _Flush(object):
         ``rev`` (``None`` if deleted or missing): a revision (settled), an
         exception (refused), `_RESEND`, or ``None`` to keep the conflict."""
         mine = None if entry.state is _DELETED else entry.subject
-        if entry.sent is not None and _same_write(entry.sent, theirs):
-            # The earlier write whose answer was lost reached the server:
-            # it is the base of what was changed since.
-            self.map.landed(entry, rev)
-            return self.settle_on(entry, mine, rev, theirs)
+        base = None
+        if entry.sent is not None:
+            if _same_write(entry.sent, theirs):
+                # The earlier write whose answer was lost reached the
+                # server: it is the base of what was changed since.
+                self.map.landed(entry, rev)
+                return self.settle_on(entry, mine, rev, theirs)
+            # It may be below another writer's change: then the changes
+            # made since were made over it. The server's history tells.
+            base = self.landed_below(entry, rev, theirs)
+            if base is _NOT_THERE:
+                entry.sent = entry.carried = None
+                base = None
+                if entry.rev is _LOOKUP and entry.doc is not None:
+                    # A create that never reached the server, deleted
+                    # since: nothing of the session's to delete.
+                    self.map.forget(entry)
+                    return _ResourceNotFound(('not_found', 'missing'))
+            elif base is not None:
+                self.map.landed(entry, rev)
         if self.on_conflict == 'raise':
             return None
-        base = None
-        if entry.sent is not None and self.on_conflict != 'overwrite':
-            # It may have reached the server, below another writer's
-            # change: then the changes made since were made over it.
-            base = self.landed_below(entry, rev, theirs)
-            if base is not None:
-                self.map.landed(entry, rev)
         if base is None:
             base = entry.merge_base()
         if self.on_conflict == 'overwrite':
@@ -2590,8 +2617,9 @@ class _Flush(object):
         """The session's own write whose answer was lost, as the server
         has it in the history of its version ``theirs`` at ``rev``: the
         revision after the one it was written over, if that holds what was
-        sent. ``None`` if it is not there or cannot be told (compaction
-        drops the bodies of old revisions). Two ``GET`` requests."""
+        sent; `_NOT_THERE` if it does not; ``None`` if that cannot be told
+        (compaction drops the bodies of old revisions). Two ``GET``
+        requests."""
         sent = entry.sent
         if theirs is None or sent.get('_deleted'):
             return None
@@ -2602,14 +2630,14 @@ class _Flush(object):
         generation = _generation(sent.get('_rev')) + 1
         index = revisions.get('start', 0) - generation
         if not 0 < index < len(ids):
-            return None             # not below the current version
+            return _NOT_THERE       # not below the current version
         if sent.get('_rev') and (index + 1 >= len(ids) or sent['_rev'] !=
                                  '%d-%s' % (generation - 1, ids[index + 1])):
-            return None             # on another branch
+            return _NOT_THERE       # the history went another way
         written = db.get(entry.id, rev='%d-%s' % (generation, ids[index]))
-        if written is None or not _same_write(sent, written):
-            return None
-        return _plain(written)
+        if written is None:
+            return None             # compacted away
+        return _plain(written) if _same_write(sent, written) else _NOT_THERE
 
     def settle_on(self, entry, content, rev, theirs):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes
@@ -2751,8 +2779,11 @@ def _check_attachments(base, theirs, changes):
     """Raise `_MergeConflict` if the server's version ``theirs`` changed an
     attachment since ``base`` that the session changes too (``changes``:
     {filename: attachment to put, or None to delete})."""
-    if not changes or theirs is None:
+    if not changes:
         return
+    if theirs is None:
+        raise _MergeConflict('deleted on one side and its attachments '
+                             'changed on the other')
     base = base or {}
     before = base.get('_attachments') or {}
     after = theirs.get('_attachments') or {}
