@@ -673,7 +673,7 @@ class Session(object):
         for entry in entries:
             entry.sync()        # changes made through adopted values
         return [e.doc for e in entries if e.state is _DIRTY or
-                (e.state is _CLEAN and e.attachments)]
+                (e.state is _CLEAN and e.attachments.changes)]
 
     @property
     def deleted(self):
@@ -687,7 +687,8 @@ class Session(object):
         a changed one that differs from the version fetched, or one whose
         last write's answer was lost. No request is made."""
         # A document whose last write's answer was lost is sent again.
-        return any(e.state is _NEW or e.state is _DELETED or e.attachments
+        return any(e.state is _NEW or e.state is _DELETED or
+                   e.attachments.changes
                    or e.sent is not None or e.diff()
                    for e in list(self._map.pending.values()))
 
@@ -1123,9 +1124,10 @@ class _TrackedDict(_Tracked):
 
     def __setitem__(self, key, value):
         subject = _subject_of(self)
-        if _is_child(value, subject.get(key, _MISSING)):
-            return      # d[k] = d[k], and the store of d[k] += ...
-        value = self._own(value, key)
+        if type(value) not in _JSON_LEAVES:
+            if _is_child(value, subject.get(key, _MISSING)):
+                return      # d[k] = d[k], and the store of d[k] += ...
+            value = self._own(value, key)
         self._touch()
         subject[key] = value
 
@@ -1281,7 +1283,8 @@ class _TrackedList(_Tracked):
 
     def append(self, value):
         subject = _subject_of(self)
-        value = self._own(value, len(subject))
+        if type(value) not in _JSON_LEAVES:
+            value = self._own(value, len(subject))
         self._touch()
         subject.append(value)
 
@@ -1626,7 +1629,8 @@ class _IdentityMap(object):
             return
         subject = entry.subject
         subject['_rev'] = rev
-        entry.attachments.written(subject, payload)
+        if entry.attachments.changes:
+            entry.attachments.written(subject, payload)
         self.clean(entry)
 
     def uploaded(self, entry, filename, rev, attachment):
@@ -1648,7 +1652,8 @@ class _IdentityMap(object):
         it has none."""
         if entry.map is not self or entry.state is not _CLEAN:
             return
-        if entry.attachments or entry.adopted or entry.sent is not None:
+        if entry.attachments.changes or entry.adopted or \
+                entry.sent is not None:
             self.pending[entry.id] = entry
         else:
             self.pending.pop(entry.id, None)
@@ -1867,9 +1872,6 @@ class _PendingAttachments(object):
         # types, and ignores it in stubs), so it is added when sending.
         self.digests = None
 
-    def __bool__(self):
-        return bool(self.changes)
-
     def __contains__(self, filename):
         return filename in self.changes
 
@@ -1903,12 +1905,16 @@ class _PendingAttachments(object):
     def inline(self, limit):
         """The changes that go in the bulk request: deletions, and puts of
         at most ``limit`` bytes."""
+        if not self.changes:
+            return {}
         return dict((name, a) for name, a in self.changes.items()
                     if a is None or not a.is_large(limit))
 
     def large(self, limit):
         """``[(filename, attachment)]`` of the puts uploaded on their
         own."""
+        if not self.changes:
+            return []
         return [(name, a) for name, a in self.changes.items()
                 if a is not None and a.is_large(limit)]
 
@@ -2398,10 +2404,10 @@ class _Flush(object):
                            for row in self.post(plan, batch))
             for payload in batch:
                 id = payload['_id']
-                outcome = _outcome(answers.get(id))
-                self.record(id, outcome)
+                outcome = self.outcomes[id] = _outcome(answers.get(id))
                 entry = plan.entry(id)
                 if not isinstance(outcome, Exception):
+                    self.wrote[id] = outcome
                     self.map.written(entry, outcome, payload)
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
