@@ -2669,11 +2669,14 @@ class _Flush(object):
 
 def _without_retries(resource):
     """A resource for ``resource``'s URL through an HTTP session of its own
-    that does not retry by itself: `_Flush` retries writes itself, to know
-    which outcomes are unknown."""
-    timeout = getattr(resource.session, '_timeout', None)
-    writes = _Resource(resource.url, _HTTPSession(timeout=timeout,
-                                                  retryable_errors=()))
+    that does not retry by itself (`_Flush` retries writes itself, to know
+    which outcomes are unknown), sharing its connections."""
+    session = _HTTPSession(timeout=getattr(resource.session, '_timeout', None),
+                           retryable_errors=())
+    pool = getattr(resource.session, 'connection_pool', None)
+    if pool is not None:
+        session.connection_pool = pool
+    writes = _Resource(resource.url, session)
     writes.credentials = resource.credentials
     writes.headers = dict(resource.headers)
     return writes
