@@ -302,7 +302,8 @@ class Session(object):
         (``POST _all_docs?include_docs=true``); the others cost nothing.
         """
         ids = list(ids)
-        wanted = [id for id in dict.fromkeys(ids) if id not in self._map.entries]
+        held = self._map.entries
+        wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
             for row in self.db.view('_all_docs', keys=wanted,
                                     include_docs=True):
@@ -1460,7 +1461,8 @@ def _root(document, entry):
 #   add(entry)               - -> any             read, create, save, del S[id]
 #   touch(entry)             CLEAN -> DIRTY       the first change
 #   replace(entry, doc)      any -> DIRTY, NEW    save() of new content
-#   delete(entry, rev)       any -> DELETED       del S[id], delete(), resolution
+#   delete(entry, rev)       any -> DELETED       del S[id], delete(),
+#                                                 a resolution
 #   recreate(entry, doc)     DELETED -> NEW       S[id] = ... after del S[id]
 #   rebase(entry, ...)       any -> DIRTY         a conflict settled over the
 #                                                 server's version, the base

@@ -5113,7 +5113,8 @@ model_keys = st.sampled_from(['a', 'b', 'c', 'd/~'])
 leaves = st.sampled_from([0, 1, 2, 'x', 'y', None, True, False])
 values = st.recursive(
     leaves, lambda children: (st.lists(children, max_size=3) |
-                              st.dictionaries(model_keys, children, max_size=3)),
+                              st.dictionaries(model_keys, children,
+                                              max_size=3)),
     max_leaves=5)
 containers = st.lists(values, max_size=3) | \
     st.dictionaries(model_keys, values, max_size=3)
@@ -5370,7 +5371,8 @@ class SessionMachine(RuleBasedStateMachine):
         """Hold ``doc``, just read by the session, in the model."""
         version = self.server[id]
         assert version.body is not None
-        assert same(user_body(doc), version.body), (user_body(doc), version.body)
+        assert same(user_body(doc), version.body), (
+            user_body(doc), version.body)
         assert doc['_id'] == id and doc['_rev'] == version.rev
         self.held[id] = Held('fetched', doc, user_body(doc), version,
                              version.attachments)
@@ -5513,7 +5515,8 @@ class SessionMachine(RuleBasedStateMachine):
         target, mirror = ref.obj, ref.mirror
         is_root = not ref.plain and target is self.root_of(ref)
         if isinstance(mirror, dict):
-            present = [k for k in mirror if not (is_root and k.startswith('_'))]
+            present = [k for k in mirror
+                       if not (is_root and k.startswith('_'))]
             nested = [k for k in present if isinstance(mirror[k], dict)]
             lists = [k for k in present if isinstance(mirror[k], list)]
             ops = ['[k] = v', 'update', '|=', 'setdefault']
@@ -5730,11 +5733,13 @@ class SessionMachine(RuleBasedStateMachine):
         elif how == 'delete key' and user_body(doc):
             del doc[data.draw(st.sampled_from(sorted(user_body(doc))))]
         elif how != 'save unchanged':
-            doc[data.draw(model_keys, label='key')] = data.draw(values, label='v')
+            key = data.draw(model_keys, label='key')
+            doc[key] = data.draw(values, label='v')
         note('writer saves %r: %r' % (id, user_body(doc)))
         self.db.save(doc)
         version = self.server[id]
-        self.server[id] = Version(doc['_rev'], user_body(doc), version.attachments)
+        self.server[id] = Version(doc['_rev'], user_body(doc),
+                                  version.attachments)
 
     @precondition(lambda self: 'writer' not in MODEL_SKIP)
     @rule(data=st.data())
@@ -6248,8 +6253,8 @@ class SessionMachine(RuleBasedStateMachine):
                     'a plain value stored into %r is %r, the document has %r'
                     ' there (rule 7)' % (ref.id, ref.obj, ref.mirror))
             else:
-                shown = user_body(ref.obj) if ref.obj is self.root_of(ref) else \
-                    copy.deepcopy(ref.obj)
+                shown = user_body(ref.obj) if ref.obj is \
+                    self.root_of(ref) else copy.deepcopy(ref.obj)
                 assert same(shown, ref.mirror), (
                     'a kept reference into %r shows %r, the model %r'
                     % (ref.id, ref.obj, ref.mirror))
