@@ -2448,8 +2448,8 @@ class _Flush(object):
             return
         unsure = set(id for id in ids if plan.entry(id).sent is not None)
         revs = {}
-        for row in self.session.db.view('_all_docs', keys=ids,
-                                        include_docs=bool(unsure)):
+        options = {'include_docs': True} if unsure else {}
+        for row in self.session.db.view('_all_docs', keys=ids, **options):
             value = row.get('value') or {}
             if 'error' in row or value.get('deleted'):
                 continue
