@@ -1466,6 +1466,8 @@ def _root(document, entry):
 #   recreate(entry, doc)     DELETED -> NEW       S[id] = ... after del S[id]
 #   rebase(entry, ...)       any -> DIRTY         a conflict settled over the
 #                                                 server's version, the base
+#   landed(entry, rev)       (unchanged)          a lost write found on the
+#   not_landed(entry)        (unchanged), -       server, or found missing
 #   clean(entry)             any -> CLEAN         written, uploaded, refreshed,
 #                                                 or changes that cancel out
 #   written(entry, ...)      any -> CLEAN, -      the server took the write
@@ -1578,6 +1580,20 @@ class _IdentityMap(object):
         subject = entry.subject
         subject['_rev'] = rev
         entry.attachments.landed(subject, carried)
+
+    def not_landed(self, entry):
+        """The write whose answer was lost did not reach the server: the
+        attachment deletions queued only because it might have are
+        dropped, and a create it carried that was deleted since is
+        forgotten (the return value says so)."""
+        entry.sent = entry.carried = None
+        if entry.rev is _LOOKUP and entry.doc is not None:
+            self.forget(entry)      # nothing of the session's to delete
+            return True
+        if entry.doc is not None:
+            entry.attachments.unsent(entry.subject.get('_attachments'))
+            self.wait(entry)
+        return False
 
     def clean(self, entry):
         """The document equals what the server has: nothing to write (but
@@ -1957,6 +1973,13 @@ class _PendingAttachments(object):
             del self.changes[filename]
         if not stubs:
             del subject['_attachments']
+
+    def unsent(self, stubs):
+        """Drop the deletions of attachments the document does not have
+        (``stubs``): queued for a put a lost write might have carried."""
+        for filename, attachment in list(self.changes.items()):
+            if attachment is None and filename not in (stubs or {}):
+                del self.changes[filename]
 
     def landed(self, subject, carried):
         """A write whose answer was lost, carrying the changes ``carried``,
@@ -2587,15 +2610,11 @@ class _Flush(object):
             # made since were made over it. The server's history tells.
             base = self.landed_below(entry, rev, theirs)
             if base is _NOT_THERE:
-                entry.sent = entry.carried = None
                 base = None
-                if entry.rev is _LOOKUP and entry.doc is not None:
-                    # A create that never reached the server, deleted
-                    # since: nothing of the session's to delete.
-                    self.map.forget(entry)
+                if self.map.not_landed(entry):
                     return _ResourceNotFound(('not_found', 'missing'))
-            elif base is not None:
-                self.map.landed(entry, rev)
+            elif base is not None and self.on_conflict != 'raise':
+                self.map.landed(entry, base['_rev'])
         if self.on_conflict == 'raise':
             return None
         if base is None:
@@ -2807,6 +2826,10 @@ def _check_attachments(base, theirs, changes):
         else:
             changed = filename not in before or \
                 stub.get('revpos', generation + 1) > generation
+            if changed and attachment is not None and \
+                    stub.get('digest') == attachment.digest() and \
+                    stub.get('length') == attachment.size:
+                changed = False         # the same content on both sides
         if changed:
             raise _MergeConflict('both sides changed the attachment %r'
                                  % filename)
