@@ -3688,6 +3688,25 @@ def lose_the_attachment_answer(db, remote, forwarder, size):
     return S
 
 
+def test_an_attachment_put_and_deleted_around_a_lost_write_that_missed(
+        db, remote, forwarder):
+    """A put whose write's answer was lost, then deleted: when the server
+    shows the write never landed (another writer moved the document
+    first), the deletion is dropped with the put, and 'merge' keeps the
+    other writer's attachment of that name."""
+    put(db, 'a', v=0)
+    S = Session(remote, on_conflict='merge')
+    S['a']['v'] = 1
+    S.put_attachment('a', b'mine', 'f.txt')
+    db.put_attachment(db['a'], b'theirs', 'f.txt')
+    lose_the_answer(S, forwarder)
+    S.delete_attachment('a', 'f.txt')
+    S.flush()
+    assert content(db, 'a')['v'] == 1
+    assert on_server(db, 'a', 'f.txt') == b'theirs'
+    assert not S.has_changes()
+
+
 @pytest.mark.parametrize('size', ['small', 'large'])
 def test_deleting_an_attachment_after_its_lost_answer_deletes_it(
         db, remote, forwarder, size):
