@@ -2095,8 +2095,6 @@ class _FlushPlan(object):
         self.unchanged = []     # dirty entries whose changes cancelled out
         self.uploads = []       # entries with attachments too large to
         #                         go inline, uploaded after the bulk request
-        self.gone = {}          # id: ResourceNotFound, deletions the server
-        #                         turned out not to have (found at write time)
         self.inline_limit = inline_limit
         self._by_id = {}
         for entry in entries:
@@ -2413,11 +2411,6 @@ class _Flush(object):
             self.upload(plan)
             if not resend:
                 break
-        # Deletions of documents the server does not have are reported,
-        # and dropped: there is nothing to retry.
-        for id, exc in plan.gone.items():
-            self.outcomes[id] = exc
-            self.map.forget(plan.entry(id))
 
     def send(self, plan, payloads):
         """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
@@ -2489,18 +2482,23 @@ class _Flush(object):
             if payload.get('_rev') is not _LOOKUP:
                 continue
             id = payload['_id']
-            # Kept in the entry too: a retry after a lost answer must send
-            # the same revision, to be recognised.
-            plan.entry(id).rev = revs.get(id)
+            entry = plan.entry(id)
             if id in revs:
-                payload['_rev'] = revs[id]
+                # Kept in the entry too: a retry after a lost answer must
+                # send the same revision, to be recognised.
+                entry.rev = payload['_rev'] = revs[id]
             else:
                 del payload['_rev']
+                if entry.state is not _DELETED:
+                    entry.rev = None    # a re-creation: written without
+        # Deletions of documents the server does not have are reported and
+        # dropped at once: there is nothing to retry.
         for payload in list(payloads):
             if payload.get('_deleted') and '_rev' not in payload:
                 payloads.remove(payload)
-                plan.gone[payload['_id']] = _ResourceNotFound(
-                    ('not_found', 'missing'))
+                self.record(payload['_id'], _ResourceNotFound(
+                    ('not_found', 'missing')))
+                self.map.forget(plan.entry(payload['_id']))
 
     # Attachments too large to go inline.
 
@@ -2617,6 +2615,8 @@ class _Flush(object):
                 self.map.landed(entry, base['_rev'])
         if self.on_conflict == 'raise':
             return None
+        if mine is None and theirs is None:
+            return self.settle_on(entry, None, rev, theirs)   # both deleted
         if base is None:
             base = entry.merge_base()
         if self.on_conflict == 'overwrite':
@@ -2625,7 +2625,7 @@ class _Flush(object):
             try:
                 content = _merge_documents(base, mine, theirs,
                                            entry.state is _NEW)
-                _check_attachments(base, theirs, entry.attachments.changes)
+                _check_attachments(base, theirs, entry.attachments)
             except _MergeConflict as conflict:
                 return _ResourceConflict(('conflict', str(conflict)))
         else:
@@ -2805,10 +2805,11 @@ def _merge_documents(base, mine, theirs, new):
     return _plain(merged)
 
 
-def _check_attachments(base, theirs, changes):
+def _check_attachments(base, theirs, pending):
     """Raise `_MergeConflict` if the server's version ``theirs`` changed an
-    attachment since ``base`` that the session changes too (``changes``:
-    {filename: attachment to put, or None to delete})."""
+    attachment since ``base`` that the session changes too (``pending``:
+    the entry's `_PendingAttachments`)."""
+    changes = pending.changes
     if not changes:
         return
     if theirs is None:
@@ -2826,6 +2827,12 @@ def _check_attachments(base, theirs, changes):
         else:
             changed = filename not in before or \
                 stub.get('revpos', generation + 1) > generation
+            # Written again with the same content is no change.
+            known = before.get(filename, {}).get('digest') or \
+                (pending.digests or {}).get(filename)
+            if changed and known is not None and \
+                    stub.get('digest') == known:
+                changed = False
             if changed and attachment is not None and \
                     stub.get('digest') == attachment.digest() and \
                     stub.get('length') == attachment.size:

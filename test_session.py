@@ -3856,6 +3856,22 @@ def test_deleting_a_lost_create_leaves_another_writers_document(
     assert not S.has_changes()
 
 
+def test_deleting_a_missing_id_beside_a_lost_answer_writes_no_tombstone(
+        db, remote, forwarder):
+    """``del S[id]`` of an id the server never had, in a flush whose bulk
+    answer is lost: reported missing once, and never sent, not even as a
+    deletion of nothing."""
+    put(db, 'b', v=0)
+    S = Session(remote)
+    del S['a']
+    S['b']['v'] = 1
+    lose_the_answer(S, forwarder)
+    S.flush()
+    [row] = db.view('_all_docs', keys=['a'])
+    assert row.get('error') == 'not_found'      # no tombstone either
+    assert content(db, 'b') == {'v': 1} and not S.has_changes()
+
+
 def test_a_change_reverted_after_a_lost_answer_still_has_changes(
         db, remote, forwarder):
     """After a lost answer, reverting the change leaves work to do (the
