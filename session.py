@@ -1474,7 +1474,10 @@ def _root(document, entry):
 #   forget(entry)            any -> -             expunge, reset, gone
 #
 # `pending` holds the entries a flush must look at: all but the CLEAN ones,
-# and CLEAN ones with attachment changes or adopted values (`wait`).
+# and CLEAN ones with attachment changes, adopted values or a write of
+# unknown outcome (`wait`). `uploaded`, `reload` and `wait` are `clean`'s
+# kin. An entry's `sent` (a write whose answer was lost) is set by `_Flush`,
+# which alone knows when a request went out.
 
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
