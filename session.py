@@ -2801,7 +2801,8 @@ def _merge_documents(base, mine, theirs, new):
         if theirs is None and (mine is None or new):
             return mine                 # nothing on the server to merge
         changed = mine if theirs is None else theirs
-        if base is not None and _same(_content(base), _content(changed)):
+        if base is not None and _same_write(base, changed, False) and \
+                _same_digests(base, changed):
             return None                 # the other side only deleted
         raise _MergeConflict('deleted on one side and changed on the other')
     merged = _merge(_content(base), _content(mine), _content(theirs), '')
@@ -2848,6 +2849,15 @@ def _check_attachments(base, theirs, pending):
 def _generation(rev):
     """The number before the dash of a revision; 0 for none."""
     return int(rev.split('-', 1)[0]) if rev else 0
+
+
+def _same_digests(a, b):
+    """Whether the attachments both versions give a digest for agree
+    (an attachment written again with the same content is unchanged)."""
+    stubs = b.get('_attachments') or {}
+    return all(stub.get('digest') is None or
+               stubs.get(name, {}).get('digest') in (None, stub['digest'])
+               for name, stub in (a.get('_attachments') or {}).items())
 
 
 def _merge(base, mine, theirs, path):
