@@ -1965,17 +1965,10 @@ class _PendingAttachments(object):
         if not self.changes:
             return
         sent = payload.get('_attachments') or {}
-        stubs = subject.setdefault('_attachments', {})
-        for filename, attachment in list(self.changes.items()):
-            if attachment is None:
-                stubs.pop(filename, None)
-            elif 'data' in sent.get(filename, ()):
-                self.stub(stubs, filename, attachment)
-            else:
-                continue
-            del self.changes[filename]
-        if not stubs:
-            del subject['_attachments']
+        self.landed(subject, dict(
+            (filename, attachment) for filename, attachment
+            in self.changes.items()
+            if attachment is None or 'data' in sent.get(filename, ())))
 
     def unsent(self, stubs):
         """Drop the deletions of attachments the document does not have
