@@ -51,10 +51,12 @@ import shutil as _shutil
 import tempfile as _tempfile
 import uuid as _uuid
 
+from couchdb import json as _json
 from couchdb.client import Document as _Document, Row as _Row
 from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
                           Forbidden as _Forbidden,
                           HTTPError as _HTTPError,
+                          PreconditionFailed as _PreconditionFailed,
                           Resource as _Resource,
                           Session as _HTTPSession,
                           ResourceConflict as _ResourceConflict,
@@ -94,6 +96,14 @@ _NUMBERS = (int, float)
 
 # What `clear` keeps of a document: its identity.
 _IDENTITY = ('_id', '_rev')
+
+# The top-level members starting with "_" that CouchDB takes in a document;
+# it refuses a request holding any other ("Bad special document member").
+_SPECIAL_MEMBERS = frozenset([
+    '_id', '_rev', '_attachments', '_deleted', '_revisions', '_revs_info',
+    '_conflicts', '_deleted_conflicts', '_local_seq', '_replication_id',
+    '_replication_state', '_replication_state_time',
+    '_replication_state_reason', '_replication_stats'])
 
 
 # -- Exceptions ---------------------------------------------------------------
@@ -160,6 +170,14 @@ class Session(object):
                                   travel inside the ``_bulk_docs`` request;
                                   larger ones are uploaded after it with a
                                   ``PUT`` each; see `put_attachment`
+    :param max_document_size: the server's limit on a document's JSON
+                              without its attachments, in bytes (CouchDB
+                              3's ``max_document_size``, by default
+                              8,000,000): `flush` refuses a larger document
+                              itself instead of sending it; ``None`` turns
+                              the check off
+    :param w: the write quorum `flush` asks a CouchDB cluster for (``?w=``
+              on each write); ``None`` leaves it to the database's
     """
 
     #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
@@ -173,11 +191,19 @@ class Session(object):
     #: server keeps moving; each time costs one read and one write.
     max_conflict_rounds = 3
 
+    #: Most requests one flush spends on finding the documents that made
+    #: the server refuse a whole bulk request (about ``2 * log2(n)`` for
+    #: each such document among ``n``).
+    max_split_requests = 100
+
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
-                 on_conflict='raise', max_inline_attachment=64 * 1024):
+                 on_conflict='raise', max_inline_attachment=64 * 1024,
+                 max_document_size=8000000, w=None):
         self.db = db
         self.on_conflict = _check_on_conflict(on_conflict)
         self.max_inline_attachment = max_inline_attachment
+        self.max_document_size = max_document_size
+        self.w = _check_w(w)
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
         self._map = _IdentityMap()  # the documents, and what is pending
@@ -515,7 +541,7 @@ class Session(object):
 
     # Flushing.
 
-    def flush(self, on_conflict=None):
+    def flush(self, on_conflict=None, w=None):
         """Write every pending create, change and delete to the server.
 
         Changed documents are compared with the version fetched: one whose
@@ -530,6 +556,28 @@ class Session(object):
         ``_bulk_docs`` is not atomic: the server may refuse some documents
         and take the others. What was written is applied; what was refused
         stays pending, unchanged, and `FlushError` says why.
+
+        A document CouchDB would refuse is refused before sending, alone,
+        so that it cannot make the server refuse the whole request: an
+        ``_id`` starting with ``_`` that is not ``_design/<name>`` or
+        ``_local/<name>``, or the empty one (``illegal_docid``); a top-level
+        member starting with ``_`` that CouchDB does not know
+        (``doc_validation``); an attachment name starting with ``_``
+        (``bad_request``); JSON larger than `max_document_size`
+        (``document_too_large``). Each is a `couchdb.ServerError` holding
+        that error and a reason naming the document and the field. When the
+        server still refuses a whole request for what one document holds
+        (400, 412, 413, or PouchDB's 500 for a document it cannot read), the
+        session splits the request in halves to find that document,
+        spending at most `max_split_requests` requests, writes the others,
+        and reports it with the server's error and reason. A refusal that
+        is not about a document (401, 403, a missing database, a failing
+        server) is raised as python-couchdb raises it, and nothing is lost.
+
+        A CouchDB cluster that could not confirm the write quorum (``w``)
+        answers 202, ``"accepted": true``: the write is on fewer nodes than
+        asked. Such documents count as written, and their ids are in the
+        results' ``accepted``.
 
         A request whose answer is lost (the connection dropped after the
         server may have applied it) leaves the outcome of its documents
@@ -575,26 +623,34 @@ class Session(object):
 
         :param on_conflict: ``'raise'``, ``'overwrite'``, ``'merge'`` or a
                             function, for this flush only
+        :param w: the write quorum for this flush only (``?w=`` on each
+                  write); by default the session's `w`
         :return: ``(success, id, rev_or_exception)`` of each document
-                 written, as `couchdb.Database.update` returns them
+                 written, as `couchdb.Database.update` returns them, in a
+                 list whose attribute ``accepted`` is the set of ids the
+                 server only accepted (202: written on fewer nodes than the
+                 write quorum; empty on a single server)
         :raise FlushError: if the server refused any document (the rest was
                            written); after the post-flush hook has seen what
                            was written
         :raise TypeError, ValueError: if a document holds a value JSON cannot
-                                      carry; nothing was sent
+                                      carry (also a string with a lone
+                                      surrogate, which UTF-8 cannot
+                                      encode); nothing was sent
         """
         if on_conflict is None:
             on_conflict = self.on_conflict
         else:
             on_conflict = _check_on_conflict(on_conflict)
+        w = self.w if w is None else _check_w(w)
         if self._flushing:
             raise RuntimeError('Session.flush() was called while the session '
                                'was flushing; a hook must not flush.')
         if not self._map.pending:
-            return []
+            return _FlushResults()
         self._flushing = True
         try:
-            return _Flush(self, on_conflict).run()
+            return _Flush(self, on_conflict, w).run()
         finally:
             self._flushing = False
 
@@ -2176,6 +2232,14 @@ class _FlushPlan(object):
                 self.created + [e for e, _ in self.changed] + self.deleted]
 
 
+def _check_w(w):
+    if w is None or (isinstance(w, int) and not isinstance(w, bool) and
+                     w > 0):
+        return w
+    raise ValueError('w, the write quorum, must be a positive int or None, '
+                     'got %r' % (w,))
+
+
 def _check_on_conflict(on_conflict):
     if on_conflict in ('raise', 'overwrite', 'merge') or callable(on_conflict):
         return on_conflict
@@ -2275,11 +2339,15 @@ class _Flush(object):
     same path, `settle`.
     """
 
-    def __init__(self, session, on_conflict):
+    def __init__(self, session, on_conflict, w=None):
         self.session = session
         self.on_conflict = on_conflict
+        self.w = w
         self.inline_limit = session.max_inline_attachment
-        self.results = []       # (success, id, rev_or_exc) of every round
+        self.results = _FlushResults()  # (success, id, rev_or_exc) of every
+        #                                 round, and the ids only accepted
+        self.encoded = {}       # id: (payload, its JSON), of what was checked
+        self.splits = 0         # requests spent finding refused documents
         self.failures = {}      # id: exception, of the refused documents
         self.plan = None        # the plan of the round being written
         self.outcomes = {}      # id: new rev or exception, in that round
@@ -2390,6 +2458,7 @@ class _Flush(object):
         of one read and one write; the outcomes are in `outcomes`."""
         self.outcomes, self.wrote = {}, {}
         payloads = plan.payloads()      # raises on bad values: nothing sent
+        payloads = self.check(plan, payloads, strict=True)
         self.look_up_revisions(plan, payloads)
         self.send(plan, payloads)
         self.upload(plan)
@@ -2408,37 +2477,149 @@ class _Flush(object):
             if not resend:
                 break
 
+    def check(self, plan, payloads, strict=False):
+        """The ``payloads`` the server may take. Each of the others is
+        refused here, alone, as its document's outcome (see `_refusal`), so
+        that it cannot make the server refuse a whole request. Each payload
+        is encoded once, here, for its size and to find strings UTF-8
+        cannot encode.
+
+        :raise ValueError: if ``strict``, for a string UTF-8 cannot encode
+                           (otherwise that is the document's outcome)
+        """
+        kept = []
+        for payload in payloads:
+            id = payload['_id']
+            if self.encoded.get(id, (None,))[0] is payload:
+                kept.append(payload)
+                continue
+            entry = plan.entry(id)
+            refusal = _refusal(entry, payload, self.inline_limit) or \
+                self.encode(payload, strict)
+            if refusal is None:
+                kept.append(payload)
+            else:
+                self.record(id, refusal)
+        for entry in plan.uploads_only():
+            refusal = _refusal(entry, {'_id': entry.id}, self.inline_limit)
+            if refusal is not None:
+                self.record(entry.id, refusal)
+        return kept
+
+    def encode(self, payload, strict):
+        """Encode ``payload`` into `encoded`: ``None``, or the refusal of a
+        document larger than `Session.max_document_size`."""
+        id = payload['_id']
+        if payload.get('_rev') is _LOOKUP:
+            # Filled in by the look-up, then encoded again: checked now.
+            payload = dict(payload)
+            del payload['_rev']
+        try:
+            data = _json.encode(payload).encode('utf-8')
+        except UnicodeEncodeError:
+            problem = ValueError(_NOT_JSON % (id, _unencodable(payload)))
+            if strict:
+                raise problem from None
+            return problem
+        self.encoded[id] = (payload, data)
+        limit = self.session.max_document_size
+        if limit is not None and len(data) > limit:
+            size = len(data)
+            if '_attachments' in payload:
+                size = len(_json.encode(dict(
+                    (key, value) for key, value in payload.items()
+                    if key != '_attachments')).encode('utf-8'))
+            if size > limit:
+                del self.encoded[id]
+                return _ServerError((
+                    'document_too_large', 'document %r is %d bytes of JSON '
+                    'without its attachments, more than max_document_size '
+                    '(%d); the server would refuse it' % (id, size, limit)))
+        return None
+
     def send(self, plan, payloads):
         """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
-        time; record each document's outcome, and apply the successes."""
+        time; record each document's outcome, and apply the successes. A
+        request the server refuses as a whole for what one of its
+        documents holds is split, to find that document (see `split`)."""
+        payloads = self.check(plan, payloads)
         size = self.session.batch_size
-        for start in range(0, len(payloads), size):
-            batch = payloads[start:start + size]
-            answers = dict((row.get('id'), row)
-                           for row in self.post(plan, batch))
+        batches = [payloads[start:start + size]
+                   for start in range(0, len(payloads), size)]
+        batches.reverse()               # a stack, the first batch on top
+        while batches:
+            batch = batches.pop()
+            try:
+                status, rows = self.post(plan, batch)
+            except _HTTPError as exc:
+                refused = _whole_refusal(exc)
+                if refused is None:
+                    raise
+                batches.extend(self.split(batch, refused))
+                continue
+            answers = dict((row.get('id'), row) for row in rows)
+            # A cluster short of the write quorum answers 202, and says so
+            # in each row it only accepted.
+            flagged = any('accepted' in row for row in rows)
             for payload in batch:
                 id = payload['_id']
-                outcome = self.outcomes[id] = _outcome(answers.get(id))
+                row = answers.get(id)
+                outcome = self.outcomes[id] = _outcome(row)
                 entry = plan.entry(id)
                 if not isinstance(outcome, Exception):
                     self.wrote[id] = outcome
+                    self.results.written(id, bool(row.get('accepted'))
+                                         if flagged else status == 202)
                     self.map.written(entry, outcome, payload)
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
                     # answered a conflict had it applied an earlier write.
                     entry.sent = entry.carried = None
 
+    def split(self, batch, refused):
+        """The batches to send of ``batch``, which the server refused as a
+        whole with ``refused`` (``(error, reason)``), the last one first: a
+        document the reason names is refused, the others are sent again;
+        else each half goes on its own. A single document is refused with
+        the server's error and reason; so is each document of a batch once
+        `Session.max_split_requests` requests are spent."""
+        error, reason = refused
+        if len(batch) > 1 and \
+                self.splits < self.session.max_split_requests:
+            # CouchDB's 413 names the document too large.
+            named = [payload for payload in batch if payload['_id'] == reason]
+            if named:
+                self.record(reason, _row_error(error, reason))
+                self.splits += 1
+                return [[payload for payload in batch
+                         if payload is not named[0]]]
+            self.splits += 2
+            half = len(batch) // 2
+            return [batch[half:], batch[:half]]
+        if len(batch) > 1:
+            reason = ('not sent: the server refused each request holding it '
+                      '(%s: %s), and the session gave up finding the '
+                      'document at fault after %d requests'
+                      % (error, reason, self.splits))
+        for payload in batch:
+            self.record(payload['_id'], _row_error(error, reason))
+        return []
+
     def post(self, plan, batch):
-        """The answer rows of one ``POST _bulk_docs``. A request whose
-        answer was lost makes the outcome of its documents unknown (their
-        `sent`), and is sent once more, as python-couchdb would retry it;
-        the server then answers a conflict for what it had applied, which
-        `settle` recognises."""
+        """The status and answer rows of one ``POST _bulk_docs``. A
+        request whose answer was lost makes the outcome of its documents
+        unknown (their `sent`), and is sent once more, as python-couchdb
+        would retry it; the server then answers a conflict for what it had
+        applied, which `settle` recognises."""
         _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
+        body = b'{"docs":[%s]}' % b','.join(
+            self.encoded[payload['_id']][1] for payload in batch)
+        options = {} if self.w is None else {'w': self.w}
         for retry in (True, False):
             try:
-                return self.resource.post_json(
-                    '_bulk_docs', body={'docs': batch})[2]
+                status, _, rows = self.resource.post_json(
+                    '_bulk_docs', body=body, headers=_JSON_BODY, **options)
+                return status, rows
             except Exception as exc:
                 if not _answered(exc):
                     for payload in batch:
@@ -2525,6 +2706,8 @@ class _Flush(object):
                                       'on the server'))
         except _HTTPError as exc:
             return exc          # a conflict goes to `settle` with the rest
+        status, _, answer = answer
+        self.results.written(entry.id, status == 202)
         self.map.uploaded(entry, filename, answer['rev'], attachment)
         return answer['rev']
 
@@ -2532,13 +2715,14 @@ class _Flush(object):
         """``PUT /db/id/filename?rev=...``, streamed; sent a second time,
         from the start of the content, when the answer is lost, as
         python-couchdb would retry it (which would read a streamed file on
-        from where the failed attempt left it)."""
+        from where the failed attempt left it). The status and answer."""
+        options = {} if self.w is None else {'w': self.w}
         for retry in (True, False):
             try:
                 return self.resource(*_path_of(entry.id)).put_json(
                     filename, body=attachment.stream(),
                     headers={'Content-Type': attachment.content_type},
-                    rev=entry.subject.get('_rev'))[2]
+                    rev=entry.subject.get('_rev'), **options)
             except Exception as exc:
                 if not _answered(exc):
                     # What the server holds if it applied the PUT: for
@@ -2716,8 +2900,10 @@ def _retryable(exc):
 def _answered(exc):
     """Whether ``exc``, raised by a write, proves the server did not apply
     it: the connection was refused, or the server refused the request as a
-    whole (a status below 500; a server error may come after a part was
-    written)."""
+    whole (a status below 500, or a refusal for what a document holds; a
+    server error may come after a part was written)."""
+    if _whole_refusal(exc) is not None:
+        return True
     if isinstance(exc, _HTTPError):
         return not (isinstance(exc, _ServerError) and exc.args and
                     isinstance(exc.args[0], tuple) and
@@ -2742,9 +2928,153 @@ def _outcome(row):
         return _ServerError(('no_answer', 'the server did not answer for '
                              'this document'))
     if 'error' in row:
-        cls = _ROW_ERRORS.get(row['error'], _ServerError)
-        return cls((row['error'], row.get('reason')))
+        return _row_error(row['error'], row.get('reason'))
     return row['rev']
+
+
+def _row_error(error, reason):
+    """python-couchdb's exception for a document refused with ``error``
+    and ``reason``."""
+    return _ROW_ERRORS.get(error, _ServerError)((error, reason))
+
+
+# The headers of a request whose body is JSON already encoded.
+_JSON_BODY = {'Content-Type': 'application/json'}
+
+# The errors of PouchDB's 500 for a document it cannot read (CouchDB's 400).
+_DOCUMENT_ERRORS = frozenset(['doc_validation', 'illegal_docid',
+                              'bad_request', 'badarg'])
+
+
+def _whole_refusal(exc):
+    """``(error, reason)`` if ``exc`` is the server's refusal of a whole
+    write for what one of its documents holds (400, 412, 413, or PouchDB's
+    500 for a document it cannot read); ``None`` for anything else (401,
+    403, a missing database, a failing server)."""
+    if isinstance(exc, _PreconditionFailed):
+        status, error = 412, exc.args[0] if exc.args else None
+    elif isinstance(exc, _ServerError) and exc.args and \
+            isinstance(exc.args[0], tuple) and len(exc.args[0]) == 2 and \
+            isinstance(exc.args[0][0], int):
+        status, error = exc.args[0]
+    else:
+        return None
+    if isinstance(error, tuple) and len(error) == 2:
+        error, reason = error
+    else:                       # not JSON: a proxy's page, say
+        if isinstance(error, bytes):
+            error = error.decode('utf-8', 'replace')
+        error, reason = None, (error or '').strip()[:200] or None
+    if status in (400, 412, 413) or \
+            (status == 500 and error in _DOCUMENT_ERRORS):
+        return error or _STATUS_ERRORS.get(status, 'bad_request'), reason
+    return None
+
+
+_STATUS_ERRORS = {400: 'bad_request', 412: 'precondition_failed',
+                  413: 'too_large'}
+
+
+def _refusal(entry, payload, inline_limit):
+    """The refusal, as python-couchdb's exception, of a document the
+    server would refuse (`Session.flush` lists the rules), or ``None``."""
+    id = entry.id
+    problem = _id_problem(id)
+    if problem is not None:
+        return _ServerError(('illegal_docid', 'document %r: %s' % (id,
+                                                                   problem)))
+    for key in payload:
+        if key[:1] == '_' and key not in _SPECIAL_MEMBERS:
+            return _ServerError((
+                'doc_validation', 'document %r: the top-level member %r '
+                'starts with "_", which CouchDB keeps for its own members '
+                '(Bad special document member)' % (id, key)))
+    names = list(payload.get('_attachments') or ())
+    names += [name for name, _ in entry.attachments.large(inline_limit)]
+    for name in names:
+        if isinstance(name, str) and name[:1] == '_':
+            return _ServerError((
+                'bad_request', 'document %r: the attachment name %r starts '
+                'with "_", which CouchDB refuses' % (id, name)))
+    return None
+
+
+def _id_problem(id):
+    """Why CouchDB refuses the document id ``id``, or ``None``."""
+    if not id:
+        return 'an _id must not be empty'
+    if id[:1] != '_':
+        return None
+    if id in ('_design/', '_local/'):
+        return 'the _id %r needs a name after the "/"' % id
+    if not id.startswith(('_design/', '_local/')):
+        return ('only _design/<name> and _local/<name> ids may start with '
+                '"_"')
+    return None
+
+
+def _unencodable(value):
+    """The message (with the path) for the first string in ``value``, a
+    key or a value, that UTF-8 cannot encode: one holding a lone surrogate,
+    as ``os.fsdecode`` makes of bytes that are not UTF-8."""
+    stack = [(value, None)]     # (value, (key, parent's node)) at any depth
+    while stack:
+        value, node = stack.pop()
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        else:
+            items = ()
+            if isinstance(value, str) and not _encodes(value):
+                return 'the string at %s %s' % (_node_path(node),
+                                                _surrogate(value))
+        for key, item in items:
+            if isinstance(key, str) and not _encodes(key):
+                return 'the key %r at %s %s' % (
+                    key, _node_path(node), _surrogate(key))
+            stack.append((item, (key, node)))
+    return 'a string UTF-8 cannot encode'
+
+
+def _encodes(text):
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate(text):
+    bad = next(char for char in text if not _encodes(char))
+    return ('holds the lone surrogate %r, which UTF-8 cannot encode (os.'
+            'fsdecode makes such strings of bytes that are not UTF-8)' % bad)
+
+
+def _node_path(node):
+    keys = []
+    while node is not None:
+        key, node = node
+        keys.append(key)
+    return ''.join('/' + _escape(key) for key in reversed(keys)) or '/'
+
+
+class _FlushResults(list):
+    """What `Session.flush` returns: its ``(success, id, rev_or_exc)``
+    rows, and ``accepted``, the ids of the documents a CouchDB cluster only
+    accepted (answered 202: written on fewer nodes than the write quorum,
+    ``w``)."""
+
+    def __init__(self, *args):
+        list.__init__(self, *args)
+        self.accepted = set()
+
+    def written(self, id, accepted):
+        """Note a write of ``id``: its latest decides."""
+        if accepted:
+            self.accepted.add(id)
+        else:
+            self.accepted.discard(id)
 
 
 # -- Conflicts ----------------------------------------------------------------

@@ -35,7 +35,7 @@ import mimetypes
 import os
 import random
 import uuid
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import couchdb
 import couchdb.http
@@ -50,7 +50,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 
 import session
 from session import FlushError, Session
-from tools.forwarder import Forwarder, is_bulk_docs
+from tools.forwarder import Forwarder, is_bulk_docs, quorum_not_met
 from tools.localserver import temporary_database
 
 
@@ -61,8 +61,8 @@ class Request(collections.namedtuple('Request', 'method path body')):
 
     The path is relative to the database ('' for the database itself; the
     path of a request elsewhere stays whole). A JSON body is a snapshot
-    (python-couchdb gets those as dicts and lists); any other body is what
-    was given: an attachment's bytes, or the file-like object streamed."""
+    (python-couchdb gets those as dicts and lists; the session gives the
+    body of ``_bulk_docs`` encoded); any other body is what was given: an attachment's bytes, or the file-like object streamed."""
 
     __slots__ = ()
 
@@ -87,6 +87,8 @@ class Wire(list):
                 body = json.loads(json.dumps(body))
             except (TypeError, ValueError):
                 pass                # not JSON: python-couchdb refuses it
+        elif isinstance(body, bytes) and path == '_bulk_docs':
+            body = json.loads(body)     # the session encodes it itself
         self.append(Request(method, path, body))
 
     def calls(self):
@@ -5007,6 +5009,445 @@ def test_upload_cut_twice_raises_and_the_next_flush_uploads(
     assert S.get_attachment('n', 'large.bin').read() == LARGE
     S.flush()
     assert_uploads_done_once(db, S)
+
+
+# -- What CouchDB refuses in a whole request ---------------------------------
+#
+# CouchDB 3 refuses a whole ``_bulk_docs`` (400, 413; PouchDB Server: some as
+# 500) for one document it cannot take, and writes none of the others. The
+# session refuses such documents itself, alone, before sending; what it cannot
+# know locally it finds by splitting the request. Answers only CouchDB gives
+# come from the forwarder's 'reply' action: the request never reaches the
+# server, as none of it is written on CouchDB.
+
+def bulk_docs_holding(id, status, error, reason):
+    """A forwarder reply: refuse any ``_bulk_docs`` holding document ``id``
+    as a whole, with ``status`` and ``{error, reason}``."""
+    def reply(body):
+        ids = [doc.get('_id') for doc in (body or {}).get('docs', ())]
+        if id in ids:
+            return status, {'error': error, 'reason': reason}
+        return None
+    return reply
+
+
+def refused_alone(S, db, wire, bad, field):
+    """Flush ``S``, where document ``bad`` breaks a rule of the server's and
+    'good' is new: ``bad`` is refused, reported naming ``field``, not sent,
+    and still pending; 'good' is written. The refusal."""
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == [bad]
+    refusal = caught.value.failures[bad]
+    assert isinstance(refusal, couchdb.ServerError)
+    reason = refusal.args[0][1]
+    assert repr(bad) in reason and field in reason
+    assert wire.bulk_ids() == [['good']]
+    assert content(db, 'good') == {'v': 1}
+    assert S.has_changes() and S.new == [S[bad]]
+    return refusal
+
+
+@pytest.mark.parametrize('member', ['_private', '_secret_', '_'])
+def test_an_unknown_special_member_is_refused_alone(db, wire, member):
+    """A top-level member starting with "_" that CouchDB does not know
+    (400 doc_validation there, 500 on PouchDB Server, for the whole
+    request) is refused before sending; the other documents are written;
+    removing the member writes it."""
+    S = Session(db)
+    S['bad'] = {member: 1, 'v': 1}
+    S['good'] = {'v': 1}
+    refusal = refused_alone(S, db, wire, 'bad', member)
+    assert refusal.args[0][0] == 'doc_validation'
+    assert 'bad' not in db
+    del S['bad'][member]
+    S.flush()
+    assert content(db, 'bad') == {'v': 1} and not S.has_changes()
+
+
+def test_the_special_members_couchdb_knows_are_sent(db, wire):
+    """_id, _rev, _attachments and _deleted are no reason to refuse."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S['a']['v'] = 1
+    S.create({'_id': 'n', '_attachments': {}, 'v': 1})
+    S.flush()
+    assert content(db, 'a') == {'v': 1} and content(db, 'n')['v'] == 1
+
+
+@pytest.mark.parametrize('bad', ['', '_design/', '_local/', '_secret',
+                                 '_users_x'])
+def test_an_id_couchdb_refuses_is_refused_alone(db, wire, bad):
+    """An _id CouchDB refuses (illegal_docid: empty, the bare _design/ and
+    _local/, any other starting with "_") is refused before sending; the
+    others are written; it stays pending."""
+    S = Session(db)
+    S[bad] = {'v': 1}
+    S['good'] = {'v': 1}
+    refusal = refused_alone(S, db, wire, bad, '_id')
+    assert refusal.args[0][0] == 'illegal_docid'
+    assert user_docs(db) == ['good']
+    del S[bad]
+    assert not S.has_changes()
+
+
+def test_design_and_local_ids_with_a_name_are_written(db):
+    S = Session(db)
+    S['_design/d'] = {'v': 1}
+    S['_local/l'] = {'v': 1}
+    S.flush()
+    assert db['_design/d']['v'] == 1 and db['_local/l']['v'] == 1
+
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+def test_an_attachment_name_starting_with_underscore_is_refused_alone(
+        db, wire, size):
+    """An attachment named "_..." (400 bad_request for the whole request on
+    both servers) is refused before sending, inline or uploaded; the
+    document keeps it pending; renamed, it is written."""
+    S = Session(db, max_inline_attachment=LIMIT)
+    S['bad'] = {'v': 1}
+    S.put_attachment(S['bad'], SIZES[size], '_secret.bin')
+    S['good'] = {'v': 1}
+    refusal = refused_alone(S, db, wire, 'bad', '_secret.bin')
+    assert refusal.args[0][0] == 'bad_request'
+    assert wire.puts() == [] and 'bad' not in db
+    assert S.get_attachment('bad', '_secret.bin').read() == SIZES[size]
+    S.delete_attachment(S['bad'], '_secret.bin')
+    S.put_attachment(S['bad'], SIZES[size], 'secret.bin')
+    S.flush()
+    assert read_back(db, 'bad', 'secret.bin') == SIZES[size]
+
+
+def test_an_attachment_named_in_the_document_itself_is_checked(db, wire):
+    """Attachments written straight into ``_attachments`` are checked too."""
+    S = Session(db)
+    S['bad'] = {'v': 1, '_attachments': {'_x': {
+        'content_type': 'text/plain', 'data': 'aGk='}}}
+    S['good'] = {'v': 1}
+    refused_alone(S, db, wire, 'bad', '_x')
+
+
+def test_a_document_over_max_document_size_is_refused_alone(db, wire):
+    """A document whose JSON (attachments left out) is larger than
+    max_document_size is refused before sending, naming its size and the
+    limit; attachments do not count; None turns the check off."""
+    S = Session(db, max_document_size=1000)
+    S['bad'] = {'text': 'x' * 1000}
+    S['inline'] = {'v': 1}
+    S.put_attachment(S['inline'], b'y' * 3000, 'big.bin')
+    S['good'] = {'v': 1}
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    refusal = caught.value.failures['bad']
+    assert list(caught.value.failures) == ['bad']
+    assert refusal.args[0][0] == 'document_too_large'
+    assert '1000' in refusal.args[0][1] and "'bad'" in refusal.args[0][1]
+    assert sorted(wire.bulk_ids()[0]) == ['good', 'inline']
+    assert read_back(db, 'inline', 'big.bin') == b'y' * 3000
+    assert 'bad' not in db and S.new == [S['bad']]
+    S.max_document_size = None
+    S.flush()
+    assert content(db, 'bad') == {'text': 'x' * 1000}
+
+
+def test_the_default_max_document_size_is_couchdbs(db, wire):
+    """By default the limit is CouchDB 3's, 8,000,000 bytes."""
+    S = Session(db)
+    S['bad'] = {'text': 'x' * 8000000}
+    S['fits'] = {'text': 'x' * 7999900}
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['bad']
+    assert '8000000' in str(caught.value.failures['bad'])
+    assert wire.bulk_ids() == [['fits']] and 'bad' not in db
+
+
+def test_a_change_over_the_limit_is_refused_and_stays_pending(db):
+    """A fetched document changed past the limit keeps its change."""
+    put(db, 'a', v=0)
+    S = Session(db, max_document_size=500)
+    S['a']['text'] = 'x' * 600
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['a']
+    assert content(db, 'a') == {'v': 0} and S.dirty == [S['a']]
+    S['a']['text'] = 'short'
+    S.flush()
+    assert content(db, 'a') == {'v': 0, 'text': 'short'}
+
+
+@pytest.mark.parametrize('where, path', [
+    (lambda text: {'name': text}, '/name'),
+    (lambda text: {'x': [1, {'deep': text}]}, '/x/1/deep'),
+    (lambda text: {text: 1}, 'key'),
+])
+def test_a_lone_surrogate_is_a_value_error_before_anything_is_sent(
+        db, wire, where, path):
+    """A string holding a lone surrogate (os.fsdecode of bytes that are not
+    UTF-8) is a ValueError naming the document and the path, raised before
+    any request; everything stays pending."""
+    text = os.fsdecode(b'caf\xe9')
+    S = Session(db)
+    S['good'] = {'v': 1}
+    S['bad'] = where(text)
+    wire.clear()
+    with pytest.raises(ValueError) as caught:
+        S.flush()
+    message = str(caught.value)
+    assert "document 'bad'" in message and 'surrogate' in message
+    assert path in message
+    assert wire == [] and user_docs(db) == []
+    assert sorted(doc['_id'] for doc in S.new) == ['bad', 'good']
+    S.expunge('bad')
+    S.flush()
+    assert user_docs(db) == ['good']
+
+
+def test_a_lone_surrogate_put_into_a_fetched_document(db, wire):
+    put(db, 'a', v=0)
+    S = Session(db)
+    S['a']['tags'] = ['ok', os.fsdecode(b'\xff')]
+    wire.clear()
+    with pytest.raises(ValueError, match="document 'a'.*/tags/1"):
+        S.flush()
+    assert wire == [] and S.dirty == [S['a']]
+
+
+def test_a_resolver_returning_a_lone_surrogate_fails_that_document(db):
+    """After the first request, a resolver's bad string fails only its
+    document."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    S['a']['v'] = 1
+    S['b']['v'] = 1
+    change(db, 'a', v=2)
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict=lambda mine, theirs, base: dict(
+            theirs, name=os.fsdecode(b'\xff')))
+    assert list(caught.value.failures) == ['a']
+    assert isinstance(caught.value.failures['a'], ValueError)
+    assert content(db, 'b') == {'v': 1} and content(db, 'a') == {'v': 2}
+
+
+# When the server refuses a whole request anyway.
+
+def test_a_whole_request_refused_for_one_document_is_split(db, wire):
+    """A document only the server can judge (an invalid _rev: 400
+    bad_request "Invalid rev format" for the whole request, on CouchDB and
+    PouchDB Server) is found by splitting the request in halves: every
+    other document is written, it is reported with the server's error and
+    reason and stays pending, in a few requests."""
+    S = Session(db)
+    for n in range(8):
+        S['d%d' % n] = {'v': n}
+    S.save({'_id': 'bad', '_rev': 'not-a-rev', 'v': 1})
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['bad']
+    refusal = caught.value.failures['bad']
+    assert isinstance(refusal, couchdb.ServerError)
+    assert refusal.args[0][0] == 'bad_request'
+    assert wire.calls() == [('POST', '_bulk_docs')] * len(wire)
+    assert 2 <= len(wire) <= 1 + 2 * 4
+    assert user_docs(db) == ['d%d' % n for n in range(8)]
+    assert S.dirty == [S['bad']] and S.new == []
+    written = [id for ids in wire.bulk_ids() for id in ids]
+    assert sorted(set(written)) == sorted(['bad'] + user_docs(db))
+
+
+def test_a_refused_request_names_the_document_too_large(
+        db, forwarder, remote):
+    """CouchDB's 413 document_too_large (a server configured below the
+    session's max_document_size) names the document: it is refused with
+    one more request, the others are written."""
+    forwarder.fail('reply', when=is_bulk_docs, reply=bulk_docs_holding(
+        'big', 413, 'document_too_large', 'big'))
+    S = Session(remote)
+    for id in ('a', 'big', 'c'):
+        S[id] = {'v': 1}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert caught.value.failures['big'].args[0] == (
+        'document_too_large', 'big')
+    assert list(caught.value.failures) == ['big']
+    assert user_docs(db) == ['a', 'c'] and bulk_posts(forwarder) == 1
+    assert forwarder.received['POST', '/%s/_bulk_docs' % db.name] == 2
+
+
+@pytest.mark.parametrize('status', [400, 500])
+def test_a_validation_refusal_of_a_whole_request_is_split(
+        db, forwarder, remote, status):
+    """CouchDB's 400 doc_validation for the whole request, or PouchDB
+    Server's 500 with the same error, is about one document: found by
+    splitting, the others written."""
+    forwarder.fail('reply', when=is_bulk_docs, reply=bulk_docs_holding(
+        'bad', status, 'doc_validation', 'Bad special document member: _x'))
+    S = Session(remote)
+    for id in ('a', 'b', 'bad', 'c', 'd'):
+        S[id] = {'v': 1}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert caught.value.failures['bad'].args[0] == (
+        'doc_validation', 'Bad special document member: _x')
+    assert user_docs(db) == ['a', 'b', 'c', 'd']
+    assert S.new == [S['bad']]
+
+
+def test_a_failing_server_is_no_reason_to_split(db, forwarder, remote):
+    """A 500 that is not about a document (an unhealthy cluster) is raised
+    as python-couchdb raises it, with nothing lost and no more requests."""
+    forwarder.fail('reply', when=is_bulk_docs, times=1, reply=lambda body: (
+        500, {'error': 'unknown_error', 'reason': 'function_clause'}))
+    S = Session(remote)
+    S['a'] = {'v': 1}
+    S['b'] = {'v': 1}
+    with pytest.raises(couchdb.ServerError):
+        S.flush()
+    assert forwarder.received['POST', '/%s/_bulk_docs' % db.name] == 1
+    assert user_docs(db) == [] and len(S.new) == 2
+    S.flush()
+    assert user_docs(db) == ['a', 'b']
+
+
+@pytest.mark.parametrize('status, error', [
+    (401, 'unauthorized'), (403, 'forbidden'), (404, 'not_found')])
+def test_a_refusal_not_about_a_document_raises_as_before(
+        db, forwarder, remote, status, error):
+    """401, 403 and a missing database refuse the whole request for a reason
+    no document holds: raised at once, nothing lost."""
+    forwarder.fail('reply', when=is_bulk_docs, times=1, reply=lambda body: (
+        status, {'error': error, 'reason': 'no'}))
+    S = Session(remote)
+    S['a'] = {'v': 1}
+    S['b'] = {'v': 1}
+    with pytest.raises(couchdb.HTTPError):
+        S.flush()
+    assert forwarder.received['POST', '/%s/_bulk_docs' % db.name] == 1
+    assert len(S.new) == 2
+    S.flush()
+    assert user_docs(db) == ['a', 'b']
+
+
+def test_splitting_stops_after_max_split_requests(db, forwarder, remote):
+    """Past max_split_requests, the documents of a refused batch are
+    reported as not sent (and stay pending): a bounded number of
+    requests."""
+    forwarder.fail('reply', when=is_bulk_docs, reply=bulk_docs_holding(
+        'd5', 400, 'bad_request', 'no'))
+    S = Session(remote)
+    S.max_split_requests = 2
+    for n in range(8):
+        S['d%d' % n] = {'v': n}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert forwarder.received['POST', '/%s/_bulk_docs' % db.name] == 3
+    failures = caught.value.failures
+    assert sorted(failures) == ['d4', 'd5', 'd6', 'd7']
+    assert 'gave up' in failures['d4'].args[0][1]
+    assert user_docs(db) == ['d0', 'd1', 'd2', 'd3']
+    assert len(S.new) == 4
+
+
+# -- The write quorum of a cluster -------------------------------------------
+#
+# A CouchDB cluster that cannot confirm a write on ``w`` nodes answers 202 with
+# ``"accepted": true`` per row; the forwarder's 'rewrite' action turns PouchDB
+# Server's real 201 into that answer (`quorum_not_met`).
+
+def test_documents_only_accepted_are_named_in_the_results(
+        db, forwarder, remote):
+    """flush() returns python-couchdb's rows, and `accepted`: the ids the
+    server only accepted; a later write that meets the quorum leaves them
+    out."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    S['a']['v'] = 1
+    S['n'] = {'v': 1}
+    forwarder.fail('rewrite', when=is_bulk_docs, times=1,
+                   rewrite=quorum_not_met)
+    results = S.flush()
+    assert sorted((ok, id) for ok, id, _ in results) == [
+        (True, 'a'), (True, 'n')]
+    assert results.accepted == {'a', 'n'}
+    assert all(rev == db[id].rev for _, id, rev in results)
+    assert not S.has_changes()
+    S['a']['v'] = 2
+    results = S.flush()
+    assert results.accepted == set() and content(db, 'a') == {'v': 2}
+    assert S.flush().accepted == set()
+
+
+def test_flush_error_results_carry_accepted(db, validated, forwarder,
+                                            remote):
+    S = Session(remote)
+    S['ok'] = {'v': 1}
+    S['no'] = {'forbidden': True}
+    forwarder.fail('rewrite', when=is_bulk_docs, times=1,
+                   rewrite=quorum_not_met)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert caught.value.results.accepted == {'ok'}
+    assert list(caught.value.failures) == ['no']
+
+
+def test_an_upload_only_accepted_is_named(db, forwarder, remote):
+    put(db, 'a', v=0)
+    S = Session(remote, max_inline_attachment=LIMIT)
+    S.put_attachment(S['a'], LARGE, 'big.bin')
+    forwarder.fail('rewrite', when=lambda method, path: method == 'PUT',
+                   times=1, rewrite=lambda status, body: (202, body))
+    results = S.flush()
+    assert results.accepted == {'a'}
+    assert read_back(db, 'a', 'big.bin') == LARGE
+
+
+def test_w_is_sent_with_every_write(db, monkeypatch):
+    """Session(db, w=N) and flush(w=N) ask for that write quorum: ``?w=N``
+    on _bulk_docs and on uploads."""
+    urls = []
+    request = couchdb.http.Session.request
+
+    def recording(self, method, url, *args, **kwargs):
+        urls.append((method, url))
+        return request(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(couchdb.http.Session, 'request', recording)
+    S = Session(db, w=2, max_inline_attachment=LIMIT)
+    S['a'] = {'v': 1}
+    S.put_attachment(S['a'], LARGE, 'big.bin')
+    S.flush()
+    writes = [url for method, url in urls if method in ('POST', 'PUT')]
+    assert len(writes) == 2
+    assert all(parse_qs(urlsplit(url).query).get('w') == ['2']
+               for url in writes)
+    del urls[:]
+    S['a']['v'] = 2
+    S.flush(w=3)
+    [url] = [url for method, url in urls if method == 'POST']
+    assert parse_qs(urlsplit(url).query)['w'] == ['3']
+    del urls[:]
+    S['a']['v'] = 3
+    S.flush(w=None)
+    [url] = [url for method, url in urls if method == 'POST']
+    assert parse_qs(urlsplit(url).query)['w'] == ['2']
+    assert content(db, 'a')['v'] == 3
+
+
+@pytest.mark.parametrize('bad', [0, -1, '2', 1.5, True])
+def test_a_bad_w_is_refused_at_the_call(db, bad):
+    with pytest.raises(ValueError, match='w'):
+        Session(db, w=bad)
+    S = Session(db)
+    S['a'] = {}
+    with pytest.raises(ValueError, match='w'):
+        S.flush(w=bad)
+    assert S.new == [S['a']] and 'a' not in db
 
 
 # -- Stateful model -----------------------------------------------------------

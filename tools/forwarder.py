@@ -18,7 +18,15 @@ Every request gets one *action*:
 ``'stall'``         read it and hold the connection, forwarding nothing,
                     until the client gives up (its timeout);
 ``'stall_answer'``  forward it, read the whole response, then hold the
-                    connection without answering.
+                    connection without answering;
+``'reply'``         answer it without forwarding it: ``reply(body)`` of the
+                    request's body gives ``(status, JSON value)`` to send,
+                    or None to leave the request to the other rules (the
+                    way to give an answer only some other server gives,
+                    such as CouchDB's refusal of a whole ``_bulk_docs``);
+``'rewrite'``       forward it, read the whole response, and send instead
+                    ``rewrite(status, JSON value)``'s ``(status, JSON
+                    value)``, such as `quorum_not_met`.
 
 `Forwarder.mode` is the action of every request that no rule claims, or
 ``'refuse'``: the listening socket is closed (connecting fails with
@@ -36,20 +44,31 @@ Only the standard library is used.
 """
 
 import collections
+import json
 import selectors
 import socket
 import struct
 import threading
 
-__all__ = ['Forwarder', 'is_bulk_docs']
+__all__ = ['Forwarder', 'is_bulk_docs', 'quorum_not_met']
 
 ACTIONS = ('pass', 'cut_before', 'reset', 'drop_answer', 'stall',
-           'stall_answer')
+           'stall_answer', 'reply', 'rewrite')
 
 
 def is_bulk_docs(method, path):
     """A predicate for `Forwarder.fail`: ``POST /db/_bulk_docs``."""
     return method == 'POST' and path.endswith('/_bulk_docs')
+
+
+def quorum_not_met(status, rows):
+    """A `Forwarder.fail` rewrite: a ``_bulk_docs`` answer as a CouchDB
+    cluster gives it when the writes reached fewer nodes than the write
+    quorum: 202, and ``"accepted": true`` in each row written."""
+    if status != 201 or not isinstance(rows, list):
+        return status, rows
+    return 202, [dict(row, accepted=True) if row.get('ok') else row
+                 for row in rows]
 
 
 def _readable(sock, timeout):
@@ -189,15 +208,21 @@ class Forwarder(object):
             elif self._listener is None and not self._stopped:
                 self._listen()
 
-    def fail(self, action, when=None, times=None):
+    def fail(self, action, when=None, times=None, reply=None, rewrite=None):
         """Give ``action`` to the requests for which ``when(method, path)``
         is true (every request if ``when`` is None), to the next ``times``
         of them (all if None).  The first rule, in the order they were
-        added, that matches a request claims it.  Returns the forwarder."""
+        added, that matches a request claims it.  ``reply`` and ``rewrite``
+        are the functions of the actions of those names.  Returns the
+        forwarder."""
         if action not in ACTIONS:
             raise ValueError('unknown action %r' % (action,))
+        if (action == 'reply') != (reply is not None) or \
+                (action == 'rewrite') != (rewrite is not None):
+            raise ValueError('reply= goes with the action reply, rewrite= '
+                             'with rewrite')
         with self._lock:
-            self._rules.append([action, when, times])
+            self._rules.append([action, when, times, reply or rewrite])
         return self
 
     @property
@@ -278,17 +303,23 @@ class Forwarder(object):
                 continue
             self._start(self._serve, client)
 
-    def _action(self, method, path):
+    def _action(self, method, path, body):
+        """``(action, its function or the reply to send)`` of a request."""
         with self._lock:
             for rule in self._rules:
-                action, when, times = rule
-                if when is None or when(method, path):
-                    if times is not None:
-                        rule[2] -= 1
-                        if rule[2] <= 0:
-                            self._rules.remove(rule)
-                    return action
-            return 'reset' if self._mode == 'refuse' else self._mode
+                action, when, times, function = rule
+                if when is not None and not when(method, path):
+                    continue
+                if action == 'reply':
+                    function = function(_json_of(body))
+                    if function is None:
+                        continue
+                if times is not None:
+                    rule[2] -= 1
+                    if rule[2] <= 0:
+                        self._rules.remove(rule)
+                return action, function
+            return ('reset' if self._mode == 'refuse' else self._mode), None
 
     def _serve(self, client):
         """Relay the requests of one client connection, one at a time."""
@@ -300,12 +331,18 @@ class Forwarder(object):
                 if head is None:
                     break
                 raw, (method, target, _), headers = head
-                request = raw + b''.join(requests.body(headers))
+                body = b''.join(requests.body(headers))
+                request = raw + body
                 path = target.split('?')[0]
-                action = self._action(method, path)
+                if _chunked(headers):
+                    body = _unchunk(body)
+                action, function = self._action(method, path, body)
                 with self._lock:
                     self.received[method, path] += 1
                     self.log.append((method, path, action))
+                if action == 'reply':
+                    client.sendall(_response(*function))
+                    continue
                 if action in ('cut_before', 'reset'):
                     self._close(client, reset=action == 'reset')
                     break
@@ -323,6 +360,12 @@ class Forwarder(object):
                 upstream.sendall(request)
                 with self._lock:
                     self.forwarded[method, path] += 1
+                if action == 'rewrite':
+                    status, answer, keep = self._read_answer(responses)
+                    client.sendall(_response(*function(status, answer)))
+                    if keep:
+                        continue
+                    break
                 keep = self._relay(responses, method,
                                    client if action == 'pass' else None)
                 if action == 'stall_answer':
@@ -336,10 +379,33 @@ class Forwarder(object):
             self._close(client)
             self._close(upstream)
 
+    def _read_answer(self, responses):
+        """``(status, JSON value, whether the connection stays open)`` of
+        the next response, read whole."""
+        status, headers = self._final_head(responses, None)
+        body = b''.join(responses.body(headers))
+        if _chunked(headers):
+            body = _unchunk(body)
+        keep = headers.get('connection', '').lower() != 'close'
+        return status, _json_of(body), keep
+
     def _relay(self, responses, method, client):
         """Read one response (after any 1xx ones), sending it on to
         ``client`` unless that is None; whether both connections may carry
         another request."""
+        status, headers = self._final_head(responses, client)
+        framed = method == 'HEAD' or status in (204, 304)
+        if not framed:
+            framed = _chunked(headers) or 'content-length' in headers
+            for piece in responses.body(headers, unframed_until_eof=True):
+                if client is not None and piece:
+                    client.sendall(piece)
+        return framed and headers.get('connection', '').lower() != 'close'
+
+    @staticmethod
+    def _final_head(responses, client):
+        """``(status, headers)`` of the next response that is not a 1xx
+        one; every head read is sent on to ``client`` unless it is None."""
         status = 100
         while status < 200:
             raw, status_line, headers = responses.head() or (b'', [], {})
@@ -348,10 +414,38 @@ class Forwarder(object):
             status = int(status_line[1])
             if client is not None:
                 client.sendall(raw)
-        framed = method == 'HEAD' or status in (204, 304)
-        if not framed:
-            framed = _chunked(headers) or 'content-length' in headers
-            for piece in responses.body(headers, unframed_until_eof=True):
-                if client is not None and piece:
-                    client.sendall(piece)
-        return framed and headers.get('connection', '').lower() != 'close'
+        return status, headers
+
+
+def _unchunk(raw):
+    """The data of a chunked body (trailers dropped)."""
+    data, rest = b'', raw
+    while rest:
+        line, _, rest = rest.partition(b'\r\n')
+        size = int(line.split(b';')[0] or b'0', 16)
+        if size == 0:
+            break
+        data, rest = data + rest[:size], rest[size + 2:]
+    return data
+
+
+def _json_of(body):
+    try:
+        return json.loads(body.decode('utf-8')) if body else None
+    except ValueError:
+        return None
+
+
+_REASONS = {200: 'OK', 201: 'Created', 202: 'Accepted', 400: 'Bad Request',
+            404: 'Object Not Found', 409: 'Conflict',
+            412: 'Precondition Failed', 413: 'Request Entity Too Large',
+            500: 'Internal Server Error'}
+
+
+def _response(status, value):
+    """The bytes of an HTTP/1.1 response carrying ``value`` as JSON."""
+    body = (json.dumps(value) + '\n').encode('utf-8')
+    head = ('HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n'
+            'Content-Length: %d\r\n\r\n'
+            % (status, _REASONS.get(status, 'Status'), len(body)))
+    return head.encode('latin-1') + body
