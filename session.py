@@ -42,6 +42,7 @@ import collections.abc as _abc
 import errno as _errno
 import hashlib as _hashlib
 import io as _io
+import json as _json
 import logging as _logging
 import marshal as _marshal
 import math as _math
@@ -51,7 +52,6 @@ import shutil as _shutil
 import tempfile as _tempfile
 import uuid as _uuid
 
-from couchdb import json as _json
 from couchdb.client import Document as _Document, Row as _Row
 from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
                           Forbidden as _Forbidden,
@@ -2515,7 +2515,7 @@ class _Flush(object):
             payload = dict(payload)
             del payload['_rev']
         try:
-            data = _json.encode(payload).encode('utf-8')
+            data = _encode(payload).encode('utf-8')
         except UnicodeEncodeError:
             problem = ValueError(_NOT_JSON % (id, _unencodable(payload)))
             if strict:
@@ -2526,7 +2526,7 @@ class _Flush(object):
         if limit is not None and len(data) > limit:
             size = len(data)
             if '_attachments' in payload:
-                size = len(_json.encode(dict(
+                size = len(_encode(dict(
                     (key, value) for key, value in payload.items()
                     if key != '_attachments')).encode('utf-8'))
             if size > limit:
@@ -2941,6 +2941,13 @@ def _row_error(error, reason):
 # The headers of a request whose body is JSON already encoded.
 _JSON_BODY = {'Content-Type': 'application/json'}
 
+# The session encodes the documents it writes itself, one by one, to know
+# their sizes and to find bad strings before sending: as python-couchdb's
+# own encoder does (no NaN, UTF-8 as it is), without its spaces. Its
+# checks have already refused what JSON cannot carry.
+_encode = _json.JSONEncoder(allow_nan=False, ensure_ascii=False,
+                            separators=(',', ':')).encode
+
 # The errors of PouchDB's 500 for a document it cannot read (CouchDB's 400).
 _DOCUMENT_ERRORS = frozenset(['doc_validation', 'illegal_docid',
                               'bad_request', 'badarg'])
@@ -2979,7 +2986,7 @@ def _refusal(entry, payload, inline_limit):
     """The refusal, as python-couchdb's exception, of a document the
     server would refuse (`Session.flush` lists the rules), or ``None``."""
     id = entry.id
-    problem = _id_problem(id)
+    problem = _id_problem(id) if id[:1] in ('', '_') else None
     if problem is not None:
         return _ServerError(('illegal_docid', 'document %r: %s' % (id,
                                                                    problem)))
@@ -2989,8 +2996,10 @@ def _refusal(entry, payload, inline_limit):
                 'doc_validation', 'document %r: the top-level member %r '
                 'starts with "_", which CouchDB keeps for its own members '
                 '(Bad special document member)' % (id, key)))
-    names = list(payload.get('_attachments') or ())
-    names += [name for name, _ in entry.attachments.large(inline_limit)]
+    names = payload.get('_attachments') or ()
+    if entry.attachments.changes:
+        names = list(names) + [name for name, _ in
+                               entry.attachments.large(inline_limit)]
     for name in names:
         if isinstance(name, str) and name[:1] == '_':
             return _ServerError((

@@ -2712,6 +2712,39 @@ def test_overwrite_change_over_their_deletion_writes_it_again(db, wire):
     assert '_rev' not in wire.bulk_bodies()[-1]['docs'][0]
 
 
+def couchdb_tombstone(id):
+    """A forwarder reply: CouchDB 3's answer to a ``_bulk_docs`` holding
+    only ``id``, deleted on the server, with a ``_rev``: a conflict (PouchDB
+    Server takes some of these)."""
+    def reply(body):
+        docs = (body or {}).get('docs', ())
+        if [doc.get('_id') for doc in docs] == [id] and '_rev' in docs[0]:
+            return 201, [{'id': id, 'error': 'conflict',
+                          'reason': 'Document update conflict.'}]
+        return None
+    return reply
+
+
+@pytest.mark.parametrize('on_conflict', [
+    'overwrite', lambda mine, theirs, base: dict(mine, v='resolved')])
+def test_a_change_over_a_tombstone_is_written_as_couchdb_takes_it(
+        db, forwarder, remote, on_conflict):
+    """On CouchDB every write of a deleted document with a _rev is a
+    conflict; 'overwrite' and a resolver write it again without one."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    S['a']['v'] = 'mine'
+    db.delete(db['a'])
+    forwarder.fail('reply', when=is_bulk_docs,
+                   reply=couchdb_tombstone('a'))
+    S.flush(on_conflict=on_conflict)
+    assert content(db, 'a') == {
+        'v': 'mine' if on_conflict == 'overwrite' else 'resolved'}
+    assert S['a'].rev == db['a'].rev and not S.has_changes()
+    assert forwarder.received['POST', '/%s/_bulk_docs' % db.name] == 2
+    assert bulk_posts(forwarder) == 1
+
+
 def test_overwrite_create_over_their_create(db):
     """'overwrite': a document created in the session replaces one created
     concurrently with the same id."""
