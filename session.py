@@ -52,9 +52,11 @@ import shutil as _shutil
 import tempfile as _tempfile
 import uuid as _uuid
 
-from couchdb.client import Document as _Document, Row as _Row
+from couchdb.client import (Document as _Document, Row as _Row,
+                            Server as _Server)
 from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
                           Forbidden as _Forbidden,
+                          extract_credentials as _extract_credentials,
                           HTTPError as _HTTPError,
                           PreconditionFailed as _PreconditionFailed,
                           Resource as _Resource,
@@ -113,22 +115,67 @@ class FlushError(Exception):
 
     What was written is applied (new ``_rev``, clean); what was refused stays
     pending in the session, unchanged, so a later ``flush()`` retries exactly
-    those documents.
+    those documents. A failed document with nothing left to write is
+    dropped instead, as the deletion of a document the server does not have
+    (a ``ResourceNotFound``: it is gone already). The message says which
+    document stays pending and which was dropped, and why.
 
     :ivar results: every ``(success, id, rev_or_exception)`` of the flush
-    :ivar failures: ``{id: exception}`` of the refused documents; a conflict
-                    is a `couchdb.ResourceConflict`
+    :ivar failures: ``{id: exception}`` of the documents not written, the
+                    dropped ones included; a conflict is a
+                    `couchdb.ResourceConflict`
+    :ivar dropped: the set of the ids in `failures` that the session dropped:
+                   the next ``flush()`` does not retry them
     """
 
-    def __init__(self, results, failures):
+    def __init__(self, results, failures, dropped=()):
         self.results = results
         self.failures = failures
-        reasons = ', '.join('%r (%s)' % (id, _describe(exc))
-                            for id, exc in sorted(failures.items()))
-        Exception.__init__(
-            self, 'The server refused %d document(s): %s. They stay pending '
-            'in the session; deal with the cause and flush() again.'
-            % (len(failures), reasons))
+        self.dropped = set(dropped)
+        Exception.__init__(self, _failures_message(failures, self.dropped))
+
+
+def _failures_message(failures, dropped):
+    """FlushError's message: the documents not written, each with the
+    server's reason, grouped by what becomes of them."""
+    pending, gone, forgotten = [], [], []
+    for id, exc in sorted(failures.items()):
+        named = '%r (%s)' % (id, _describe(exc))
+        if id not in dropped:
+            pending.append(named)
+        elif isinstance(exc, _ResourceNotFound):
+            gone.append(named)      # a deletion with nothing to delete
+        else:
+            forgotten.append(named)  # taken out of the session meanwhile
+    one = len(failures) == 1
+    sentences = ['%d document%s not written.'
+                 % (len(failures), ' was' if one else 's were')]
+    if pending:
+        sentences.append(
+            '%s %s pending in the session; deal with the cause and flush() '
+            'again.' % (_and(pending), 'stays' if len(pending) == 1 else
+                        'stay'))
+    if gone:
+        one = len(gone) == 1
+        sentences.append(
+            '%s %s dropped from the session: %s already gone from the '
+            'server, so there is nothing to delete.'
+            % (_and(gone), 'was' if one else 'were',
+               'it is' if one else 'they are'))
+    if forgotten:
+        one = len(forgotten) == 1
+        sentences.append(
+            '%s %s no longer pending in the session: flush() does not retry '
+            '%s.' % (_and(forgotten), 'is' if one else 'are',
+                     'it' if one else 'them'))
+    return ' '.join(sentences)
+
+
+def _and(items):
+    """``'a'``, ``'a and b'``, ``'a, b and c'``: a list for messages."""
+    if len(items) < 2:
+        return ''.join(items)
+    return '%s and %s' % (', '.join(items[:-1]), items[-1])
 
 
 def _describe(exc):
@@ -136,6 +183,15 @@ def _describe(exc):
     if exc.args and isinstance(exc.args[0], tuple):
         return ': '.join(str(part) for part in exc.args[0] if part)
     return str(exc) or type(exc).__name__
+
+
+def _a(value):
+    """The type of ``value`` with its article, for messages: 'an int',
+    'a set', 'an object' (and 'None' for None)."""
+    if value is None:
+        return 'None'
+    name = type(value).__name__
+    return ('an ' if name[:1].lower() in 'aeiou' else 'a ') + name
 
 
 # -- The session --------------------------------------------------------------
@@ -178,6 +234,8 @@ class Session(object):
                               the check off
     :param w: the write quorum `flush` asks a CouchDB cluster for (``?w=``
               on each write); ``None`` leaves it to the database's
+    :raise TypeError: if ``db`` is a URL or a `couchdb.Server`: the session
+                      works on one database, ``server[name]``
     """
 
     #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
@@ -199,6 +257,7 @@ class Session(object):
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
                  on_conflict='raise', max_inline_attachment=64 * 1024,
                  max_document_size=8000000, w=None):
+        _check_db(db)
         self.db = db
         self.on_conflict = _check_on_conflict(on_conflict)
         self.max_inline_attachment = max_inline_attachment
@@ -228,7 +287,10 @@ class Session(object):
 
         Documents created in the session count, those deleted in it do not;
         any other id costs a ``HEAD`` request.
+
+        :raise TypeError: if ``id`` is not a string
         """
+        _check_id(id)
         entry = self._map.entries.get(id)
         if entry is None:
             return id in self.db
@@ -256,7 +318,9 @@ class Session(object):
 
         :raise ResourceNotFound: if the document does not exist, or is
                                  deleted in this session
+        :raise TypeError: if ``id`` is not a string
         """
+        _check_id(id)
         entry = self._map.entries.get(id)
         if entry is None:
             return self._track(self.db[id])
@@ -271,7 +335,10 @@ class Session(object):
 
         :raise ResourceConflict: if the session already holds ``id`` and
                                  ``content`` has no ``_rev``
+        :raise TypeError: if ``id`` is not a string, or ``content`` not a
+                          dict
         """
+        _check_id(id)
         entry = self._map.entries.get(id)
         if entry is not None and entry.doc is content and \
                 entry.state is not _DELETED:
@@ -289,7 +356,9 @@ class Session(object):
 
         :raise ResourceNotFound: if the document is already deleted in this
                                  session
+        :raise TypeError: if ``id`` is not a string
         """
+        _check_id(id)
         entry = self._map.entries.get(id)
         if entry is None:
             self._map.add(_Entry(id, None, _DELETED, rev=_LOOKUP))
@@ -307,7 +376,10 @@ class Session(object):
         something other than the current document: it goes to the server
         every time and returns what python-couchdb returns, untracked,
         leaving the session's copy alone.
+
+        :raise TypeError: if ``id`` is not a string
         """
+        _check_id(id)
         if options:
             return self.db.get(id, default, **options)
         entry = self._map.entries.get(id)
@@ -326,8 +398,12 @@ class Session(object):
 
         Every id not yet in the session is fetched in one request
         (``POST _all_docs?include_docs=true``); the others cost nothing.
+
+        :raise TypeError: if an id is not a string; nothing is read
         """
         ids = list(ids)
+        for id in ids:
+            _check_id(id)
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
@@ -397,8 +473,8 @@ class Session(object):
         """Queue a new document holding a deep copy of ``data``.
 
         :return: the document id: ``data['_id']``, or a new uuid4 hex
-        :raise TypeError: if ``data`` is not a dict
-        :raise ValueError: if ``_id`` is not a valid document id
+        :raise TypeError: if ``data`` is not a dict, or its ``_id`` not a
+                          string
         :raise ResourceConflict: if the session already holds that id
         """
         doc = _copy_in(data)
@@ -418,6 +494,8 @@ class Session(object):
         :return: ``(id, rev)``; ``rev`` is the revision the document has
                  now, ``None`` for a new one (the new revision exists after
                  `flush`)
+        :raise TypeError: if ``doc`` is not a dict, or its ``_id`` not a
+                          string
         """
         entry = self._entry_of(doc)
         if entry is None or entry.state is _DELETED:
@@ -425,6 +503,7 @@ class Session(object):
                 raise TypeError('expected dict, got %s' % type(doc).__name__)
             if entry is None and '_id' not in doc:
                 doc['_id'] = _uuid.uuid4().hex
+            _check_id(doc['_id'])
             copy = _copy_in(doc)
             if copy.get('_deleted'):
                 self.delete(copy)
@@ -447,6 +526,8 @@ class Session(object):
         forgets it; a change followed by a deletion sends only the deletion.
 
         :raise ResourceNotFound: if it is already deleted in this session
+        :raise TypeError: if ``doc`` is not a dict, or its ``_id`` not a
+                          string
         """
         entry = self._entry_of(doc)
         if entry is None:
@@ -454,6 +535,7 @@ class Session(object):
                 raise TypeError('expected dict, got %s' % type(doc).__name__)
             if doc.get('_id') is None:
                 raise ValueError('document ID cannot be None')
+            _check_id(doc['_id'])
             entry = self._map.entries.get(doc['_id'])
         if entry is not None:
             self._delete_entry(entry)
@@ -481,6 +563,7 @@ class Session(object):
         goes with the retry.
 
         :raise ResourceNotFound: if the document is deleted in this session
+        :raise TypeError: if the id is not a string
         """
         if filename is None:
             if not hasattr(content, 'name'):
@@ -506,6 +589,8 @@ class Session(object):
         An attachment put in this session and not yet flushed is served from
         the session, one deleted in it gives ``default``; otherwise it is
         read from the server (``GET /db/id/filename``).
+
+        :raise TypeError: if the id is not a string
         """
         entry = self._held(id_or_doc, required=False)
         if entry is not None:
@@ -532,6 +617,7 @@ class Session(object):
 
         :raise ResourceNotFound: if the document has no such attachment, or
                                  is deleted in this session
+        :raise TypeError: if the id is not a string
         """
         entry = self._live(doc)
         entry.attachments.delete(entry.id, filename,
@@ -548,14 +634,17 @@ class Session(object):
         changes cancel out is not sent. The rest goes in one
         ``POST /db/_bulk_docs`` (split every `batch_size` documents), plus
         one ``POST _all_docs`` first when documents deleted by id need their
-        revisions looked up. A flush with nothing to do sends nothing.
+        revisions looked up (a ``_local/`` document's takes a ``GET`` of its
+        own). A flush with nothing to do sends nothing.
 
         Written documents get their new ``_rev`` and stay tracked. The hooks
         run as described in `pre_flush_hook` and `post_flush_hook`.
 
         ``_bulk_docs`` is not atomic: the server may refuse some documents
         and take the others. What was written is applied; what was refused
-        stays pending, unchanged, and `FlushError` says why.
+        stays pending, unchanged, and `FlushError` says why. The deletion
+        of a document the server does not have is reported there too, and
+        dropped: there is nothing to retry.
 
         A document CouchDB would refuse is refused before sending, alone,
         so that it cannot make the server refuse the whole request: an
@@ -701,6 +790,7 @@ class Session(object):
 
         :raise KeyError: if the session does not hold the document
         :raise ValueError: if the document is deleted in this session
+        :raise TypeError: if the id is not a string
         """
         entry = self._held(doc_or_id)
         if entry.state is _DELETED:
@@ -755,6 +845,7 @@ class Session(object):
         document again.
 
         :raise KeyError: if the session does not hold the document
+        :raise TypeError: if the id is not a string
         """
         self._map.forget(self._held(doc_or_id))
 
@@ -767,6 +858,7 @@ class Session(object):
         :raise ResourceNotFound: if the server does not have it (the
                                  session is left as it was)
         :raise KeyError: if the session does not hold the document
+        :raise TypeError: if the id is not a string
         """
         entry = self._held(doc_or_id)
         fresh = self.db[entry.id]
@@ -882,9 +974,19 @@ class Session(object):
 
 
 def _id_of(doc_or_id):
+    """The id of a document given as a dict (``None`` if it has no
+    ``_id``) or by id.
+
+    :raise TypeError: if the id is not a string
+    """
     if isinstance(doc_or_id, dict):
-        return doc_or_id.get('_id')
-    return doc_or_id
+        id = doc_or_id.get('_id')
+        if id is None:
+            return None
+    else:
+        id = doc_or_id
+    _check_id(id)
+    return id
 
 
 def _copy_in(data):
@@ -895,12 +997,29 @@ def _copy_in(data):
 
 
 def _check_id(id):
-    if not isinstance(id, str) or not id:
-        raise ValueError('a document _id must be a non-empty string, got %r'
-                         % (id,))
-    if id.startswith('_') and not id.startswith(('_design/', '_local/')):
-        raise ValueError('document _id %r starts with "_": only _design/ '
-                         'and _local/ ids may' % id)
+    """Raise TypeError, naming ``id``, if it is not a string: a mistake
+    of the caller's, refused at the call. The rules a string id must follow
+    are the server's, and are not checked here."""
+    if not isinstance(id, str):
+        raise TypeError('%r is not a document id: a document id is a '
+                        'string, not %s' % (id, _a(id)))
+
+
+def _check_db(db):
+    """Raise TypeError if ``db`` is what people pass for a database by
+    mistake: its URL, or the server."""
+    if isinstance(db, (str, bytes)):
+        if isinstance(db, str):
+            # A password in the URL stays out of the message (and logs).
+            db = _extract_credentials(db)[0]
+        raise TypeError('Session() expects a couchdb.Database, got the %s '
+                        '%r; open the database first: couchdb.Database(url), '
+                        'or couchdb.Server(url)[name]'
+                        % (type(db).__name__, db))
+    if isinstance(db, _Server):
+        raise TypeError('Session() expects a couchdb.Database, got the '
+                        'couchdb.Server %r; pick one of its databases: '
+                        'server[name]' % (db.resource.url,))
 
 
 class _ViewResults(object):
@@ -2259,7 +2378,7 @@ def _check_json(id, value, path=''):
 
 _NOT_JSON = ('document %r holds what JSON cannot carry: %s. Nothing was '
              'sent: fix it, and flush again.')
-_BAD_KEY = 'the key %r at %s is a %s, but JSON object keys must be strings'
+_BAD_KEY = 'the key %r at %s is %s, but JSON object keys must be strings'
 
 
 def _json_problem(value):
@@ -2279,13 +2398,11 @@ def _json_problem(value):
         elif isinstance(value, (str, int, type(None))):
             return None
         else:
-            return [], TypeError, 'the value at %%s is a %s' % \
-                type(value).__name__
+            return [], TypeError, 'the value at %%s is %s' % _a(value)
         keyed = isinstance(value, dict)
         for key, item in items:
             if keyed and not isinstance(key, str):
-                return [], TypeError, _BAD_KEY % (key, '%s',
-                                                  type(key).__name__)
+                return [], TypeError, _BAD_KEY % (key, '%s', _a(key))
             if type(item) in _JSON_LEAVES:
                 continue
             problem = _json_problem(item)
@@ -2305,7 +2422,7 @@ def _deep_json_problem(value):
     keyed = isinstance(value, dict)
     for key, item in value.items() if keyed else enumerate(value):
         if keyed and not isinstance(key, str):
-            return [], TypeError, _BAD_KEY % (key, '%s', type(key).__name__)
+            return [], TypeError, _BAD_KEY % (key, '%s', _a(key))
         if type(item) in _JSON_LEAVES:
             continue
         problem = yield _deep_json_problem(item)
@@ -2383,7 +2500,10 @@ class _Flush(object):
                 'work. What was written stays written; the rest is pending.'
                 % session.max_hook_rounds)
         if self.failures:
-            raise FlushError(self.results, self.failures)
+            # A failure the session no longer has pending was dropped (a
+            # deletion of what the server does not have): no retry.
+            raise FlushError(self.results, self.failures, {
+                id for id in self.failures if id not in self.map.pending})
         return self.results
 
     @property
@@ -2632,7 +2752,8 @@ class _Flush(object):
 
     def look_up_revisions(self, plan, payloads):
         """Fill in the ``_rev`` of deletions (and re-creations) of documents
-        the session never fetched, with one ``POST _all_docs``. A document
+        the session never fetched, with one ``POST _all_docs`` (and one
+        ``GET`` for each ``_local/`` document: see `_all_docs`). A document
         created by a write whose answer was lost, then deleted, is deleted
         only if the server holds what that write sent: anything else there
         is another writer's, a conflict for `settle`."""
@@ -2641,8 +2762,7 @@ class _Flush(object):
             return
         unsure = set(id for id in ids if plan.entry(id).sent is not None)
         revs = {}
-        options = {'include_docs': True} if unsure else {}
-        for row in self.session.db.view('_all_docs', keys=ids, **options):
+        for row in _all_docs(self.session.db, ids, include_docs=bool(unsure)):
             value = row.get('value') or {}
             if 'error' in row or value.get('deleted'):
                 continue
@@ -2739,11 +2859,12 @@ class _Flush(object):
 
     def current(self, ids):
         """``{id: (rev, document or None if deleted)}`` of the server's
-        current versions, in one ``POST _all_docs?include_docs=true``; an id
-        the server never had is left out."""
+        current versions, in one ``POST _all_docs?include_docs=true`` (and
+        one ``GET`` for each ``_local/`` document: see `_all_docs`); an id
+        the server never had is left out, and so is a deleted ``_local/``
+        document, which leaves no tombstone."""
         current = {}
-        for row in self.session.db.view('_all_docs', keys=ids,
-                                        include_docs=True):
+        for row in _all_docs(self.session.db, ids, include_docs=True):
             if 'error' in row:
                 continue
             deleted = row['value'].get('deleted')
@@ -2891,6 +3012,36 @@ def _path_of(id):
     return (id,)
 
 
+def _all_docs(db, ids, include_docs=False):
+    """The rows ``POST _all_docs`` answers for the ``keys`` ``ids``, the
+    documents too with ``include_docs``; one request, plus one ``GET`` per
+    ``_local/`` id.
+
+    CouchDB 3 lists a local document in ``_all_docs`` (``value`` ``{"rev":
+    "0-1"}``) when its id is asked for, PouchDB Server answers an error row
+    or nothing: a ``GET`` through python-couchdb reads it from both, and its
+    row is made to look like CouchDB's. A deleted local document leaves no
+    tombstone: its ``GET`` is a 404, given as the error row of an id the
+    server never had.
+    """
+    local = [id for id in ids if id.startswith('_local/')]
+    rows = []
+    if len(local) < len(ids):
+        options = {'include_docs': True} if include_docs else {}
+        rows.extend(db.view('_all_docs', keys=[
+            id for id in ids if not id.startswith('_local/')], **options))
+    for id in local:
+        doc = db.get(id)
+        if doc is None:
+            rows.append({'key': id, 'error': 'not_found'})
+            continue
+        row = {'id': id, 'key': id, 'value': {'rev': doc['_rev']}}
+        if include_docs:
+            row['doc'] = doc
+        rows.append(row)
+    return rows
+
+
 def _retryable(exc):
     """Whether python-couchdb would send the request again after ``exc``."""
     return isinstance(exc, OSError) and bool(exc.args) and \
@@ -3011,14 +3162,12 @@ def _refusal(entry, payload, inline_limit):
 def _id_problem(id):
     """Why CouchDB refuses the document id ``id``, or ``None``."""
     if not id:
-        return 'an _id must not be empty'
-    if id[:1] != '_':
-        return None
+        return 'its _id is empty'
     if id in ('_design/', '_local/'):
-        return 'the _id %r needs a name after the "/"' % id
-    if not id.startswith(('_design/', '_local/')):
-        return ('only _design/<name> and _local/<name> ids may start with '
-                '"_"')
+        return 'its _id needs a name after the "/"'
+    if id[:1] == '_' and not id.startswith(('_design/', '_local/')):
+        return ('its _id starts with "_", which only _design/<name> and '
+                '_local/<name> ids may')
     return None
 
 
@@ -3515,7 +3664,7 @@ def _diff_added(ops, path, old, new):
         if key not in old:
             if not isinstance(key, str):
                 raise _BadKey(_BAD_KEY % (key, _pointer(path) or '/',
-                                          type(key).__name__))
+                                          _a(key)))
             ops.append({'op': 'add', 'path': _pointer((path, key)),
                         'value': _plain(value)})
 

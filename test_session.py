@@ -62,7 +62,8 @@ class Request(collections.namedtuple('Request', 'method path body')):
     The path is relative to the database ('' for the database itself; the
     path of a request elsewhere stays whole). A JSON body is a snapshot
     (python-couchdb gets those as dicts and lists; the session gives the
-    body of ``_bulk_docs`` encoded); any other body is what was given: an attachment's bytes, or the file-like object streamed."""
+    body of ``_bulk_docs`` encoded); any other body is what was given: an
+    attachment's bytes, or the file-like object streamed."""
 
     __slots__ = ()
 
@@ -297,15 +298,16 @@ def test_setitem_creates_with_that_id(db, wire):
 
 
 def test_create_rejects_bad_input_before_anything_is_queued(db):
-    """Not a dict: TypeError; bad _id: ValueError; held id: conflict."""
+    """Not a dict, or an _id that is not a string: TypeError; held id:
+    conflict."""
     put(db, 'held', v=1)
     S = Session(db)
     with pytest.raises(TypeError):
         S.create('x')
     with pytest.raises(TypeError):
         S['y'] = ['not', 'a', 'dict']
-    for bad in (5, None, '', '_secret'):
-        with pytest.raises(ValueError):
+    for bad in (5, None):
+        with pytest.raises(TypeError):
             S.create({'_id': bad})
     S['held']
     with pytest.raises(couchdb.ResourceConflict):
@@ -318,6 +320,77 @@ def test_create_rejects_bad_input_before_anything_is_queued(db):
     assert S.new and len(S.new) == 3
     S.flush()
     assert db['_design/d'] and db['_local/l'] and db['fresh']
+
+
+# Every public way to name a document, given an id that is not a string.
+BAD_IDS = {
+    'S[id]': (1, lambda S: S[1]),
+    'S.get(id)': (1, lambda S: S.get(1)),
+    'S.get(id, rev=...)': (1, lambda S: S.get(1, rev='1-a')),
+    'del S[id]': (1, lambda S: S.__delitem__(1)),
+    'id in S': (1, lambda S: 1 in S),
+    'S.get_many(ids)': (1, lambda S: S.get_many(['a', 1])),
+    'S.get_many([None])': (None, lambda S: S.get_many([None])),
+    'S[id] = content': (1, lambda S: S.__setitem__(1, {'v': 1})),
+    'S.create(doc)': (5, lambda S: S.create({'_id': 5})),
+    'S.save(doc)': (5, lambda S: S.save({'_id': 5})),
+    'S.save(doc with _rev)': (5, lambda S: S.save({'_id': 5,
+                                                   '_rev': '1-a'})),
+    'S.save(doc with _deleted)': (5, lambda S: S.save({'_id': 5,
+                                                       '_deleted': True})),
+    'S.update(docs)': (5, lambda S: S.update([{'_id': 5}])),
+    'S.delete(doc)': (5, lambda S: S.delete({'_id': 5})),
+    'S.delete(doc with _rev)': (5, lambda S: S.delete({'_id': 5,
+                                                       '_rev': '1-a'})),
+    'S.expunge(id)': (1, lambda S: S.expunge(1)),
+    'S.refresh(id)': (1, lambda S: S.refresh(1)),
+    'S.diff(id)': (1, lambda S: S.diff(1)),
+    'S.put_attachment(id)': (1, lambda S: S.put_attachment(1, b'x',
+                                                           'a.txt')),
+    'S.put_attachment(doc)': (5, lambda S: S.put_attachment({'_id': 5}, b'x',
+                                                            'a.txt')),
+    'S.get_attachment(id)': (1, lambda S: S.get_attachment(1, 'a.txt')),
+    'S.delete_attachment(id)': (1, lambda S: S.delete_attachment(1,
+                                                                 'a.txt')),
+    'bytes for an id': (b'a', lambda S: S[b'a']),
+}
+
+
+@pytest.mark.parametrize('call', sorted(BAD_IDS))
+def test_an_id_that_is_not_a_string_is_refused_at_the_call(db, wire, call):
+    """Any entry point given an id that is not a string raises TypeError
+    at once, naming the id; nothing is queued, nothing is sent."""
+    put(db, 'a', v=1)
+    bad, entry_point = BAD_IDS[call]
+    S = Session(db)
+    wire.clear()
+    with pytest.raises(TypeError) as caught:
+        entry_point(S)
+    message = str(caught.value)
+    assert message.startswith('%r is not a document id' % (bad,))
+    assert 'a document id is a string' in message
+    assert not S.has_changes() and S.new == S.deleted == S.dirty == []
+    assert wire.calls() == []
+    assert S.flush() == [] and wire.calls() == []
+
+
+def test_session_of_a_url_or_a_server_is_refused(server):
+    """Session() of a URL or of a couchdb.Server raises TypeError saying a
+    couchdb.Database is expected and what it got (a URL without its
+    password)."""
+    url = 'http://ann:secret@127.0.0.1:5984/notes'
+    with pytest.raises(TypeError) as caught:
+        Session(url)
+    message = str(caught.value)
+    assert 'expects a couchdb.Database' in message
+    assert "got the str 'http://127.0.0.1:5984/notes'" in message
+    assert 'secret' not in message
+    with pytest.raises(TypeError) as caught:
+        Session(server)
+    message = str(caught.value)
+    assert 'expects a couchdb.Database' in message
+    assert 'got the couchdb.Server %r' % server.resource.url in message
+    assert 'server[name]' in message
 
 
 def test_save_creates_adopts_and_keeps_tracked_documents(db, wire):
@@ -912,6 +985,39 @@ def test_bad_values_fail_before_anything_is_sent(db, wire, value, error,
     S.flush()
     assert stored(db, 'a') == {'_id': 'a', 'bad': [], 'good': 1}
     assert 'new' in db
+
+
+@pytest.mark.parametrize('value, words', [
+    ({1, 2}, 'the value at /v is a set'),
+    (object(), 'the value at /v is an object'),
+    ({1: 'x'}, 'the key 1 at /v is an int'),
+    ({None: 'x'}, 'the key None at /v is None'),
+])
+def test_bad_value_messages_name_the_type_with_a_or_an(db, wire, value,
+                                                       words):
+    """The type of a value JSON cannot carry is named with its article:
+    'a set', 'an object', 'an int'."""
+    S = Session(db)
+    S.create({'_id': 'n', 'v': value})
+    with pytest.raises(TypeError) as caught:
+        S.flush()
+    assert words + ', ' in str(caught.value) or \
+        words + '. ' in str(caught.value)
+    assert wire.calls() == []
+
+
+def test_a_key_added_to_a_fetched_document_is_named_with_an(db, wire):
+    """A key JSON cannot carry added at the top of a fetched document:
+    'the key 1 at / is an int'."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    S['a'][1] = 'x'
+    wire.clear()
+    with pytest.raises(TypeError) as caught:
+        S.flush()
+    assert 'the key 1 at / is an int, but JSON object keys must be ' \
+        'strings' in str(caught.value)
+    assert wire.calls() == []
 
 
 # -- Diffs --------------------------------------------------------------------
@@ -2597,6 +2703,95 @@ def test_refused_new_document_stays_new(db, validated):
     assert generation(db, id) == 1 and S.new == []
 
 
+def test_flush_error_says_which_documents_stay_pending_and_which_dropped(
+        db, validated, wire):
+    """FlushError's message names each document not written with the
+    server's reason, and says what becomes of it: the refused ones stay
+    pending and go with the next flush; deletions of what the server does
+    not have are dropped, in `dropped`, and never sent."""
+    for id in 'abc':
+        put(db, id, v=0)
+    S = Session(db)
+    for id in 'abc':
+        S[id]['v'] = 1
+    S['a']['forbidden'] = S['b']['forbidden'] = True
+    del S['gone-1']
+    del S['gone-2']
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert str(caught.value) == (
+        "4 documents were not written. 'a' (forbidden: no forbidden docs) "
+        "and 'b' (forbidden: no forbidden docs) stay pending in the "
+        "session; deal with the cause and flush() again. 'gone-1' "
+        "(not_found: missing) and 'gone-2' (not_found: missing) were "
+        "dropped from the session: they are already gone from the server, "
+        "so there is nothing to delete.")
+    assert caught.value.dropped == {'gone-1', 'gone-2'}
+    assert sorted(caught.value.failures) == ['a', 'b', 'gone-1', 'gone-2']
+    assert content(db, 'c') == {'v': 1}
+    assert S.deleted == []
+    del S['a']['forbidden'], S['b']['forbidden']
+    wire.clear()
+    S.flush()
+    assert [sorted(ids) for ids in wire.bulk_ids()] == [['a', 'b']]
+    assert len(wire) == 1
+    assert content(db, 'a') == content(db, 'b') == {'v': 1}
+
+
+def test_flush_error_of_one_document_says_what_became_of_it(db, validated,
+                                                           wire):
+    """One document pending, or one dropped: the message speaks of it."""
+    S = Session(db)
+    S.create({'_id': 'a', 'forbidden': True})
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert str(caught.value) == (
+        "1 document was not written. 'a' (forbidden: no forbidden docs) "
+        "stays pending in the session; deal with the cause and flush() "
+        "again.")
+    assert caught.value.dropped == set() and S.new == [S['a']]
+    S.expunge('a')
+    del S['gone']
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert str(caught.value) == (
+        "1 document was not written. 'gone' (not_found: missing) was "
+        "dropped from the session: it is already gone from the server, so "
+        "there is nothing to delete.")
+    assert caught.value.dropped == {'gone'}
+    wire.clear()
+    assert not S.has_changes() and S.flush() == [] and wire.calls() == []
+
+
+def test_flush_error_names_a_refused_document_a_hook_dropped(db, validated):
+    """A post-flush hook that resets the session drops a refused document
+    too: the message says it is no longer pending, not that it stays."""
+    S = Session(db, post_flush_hook=lambda S, *work: S.reset())
+    S.create({'_id': 'a'})
+    S.create({'_id': 'b', 'forbidden': True})
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert str(caught.value) == (
+        "1 document was not written. 'b' (forbidden: no forbidden docs) is "
+        "no longer pending in the session: flush() does not retry it.")
+    assert caught.value.dropped == {'b'}
+    assert user_docs(db) == ['a'] and not S.has_changes()
+
+
+def test_flush_error_made_with_results_and_failures_keeps_them_pending():
+    """FlushError(results, failures), as before `dropped`: every failure
+    stays pending."""
+    conflict = couchdb.ResourceConflict(
+        ('conflict', 'Document update conflict'))
+    exc = FlushError([(False, 'a', conflict)], {'a': conflict})
+    assert exc.results == [(False, 'a', conflict)]
+    assert exc.failures == {'a': conflict} and exc.dropped == set()
+    assert str(exc) == (
+        "1 document was not written. 'a' (conflict: Document update "
+        "conflict) stays pending in the session; deal with the cause and "
+        "flush() again.")
+
+
 # -- Failures: conflicts, 'raise' ---------------------------------------------
 
 def test_conflict_with_another_session_raises_and_keeps_the_change(db):
@@ -3049,6 +3244,140 @@ def test_resolution_gives_up_after_a_bounded_number_of_rounds(db, wire):
         S.flush(on_conflict=resolve)
     assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
     assert len(wire) < 100 and S['a']['n'] == 'mine'
+
+
+# -- Failures: _local documents ----------------------------------------------
+
+# CouchDB 3 lists a `_local/` document in ``POST _all_docs`` with keys,
+# PouchDB Server does not: the session reads them with a GET each, so that
+# deleting one unread and settling a conflict on one work on both. A local
+# document has no revision history and leaves no tombstone: deleted, a GET
+# answers 404.
+
+def test_deleting_an_unread_local_document_deletes_it(db, wire):
+    """del S['_local/x'] of a document never read looks its revision up
+    with one GET (the other ids with one POST _all_docs) and deletes it."""
+    put(db, '_local/x', v=1)
+    put(db, 'a', v=1)
+    S = Session(db)
+    del S['_local/x']
+    del S['a']
+    wire.clear()
+    results = S.flush()
+    assert sorted((ok, id) for ok, id, _ in results) == [
+        (True, '_local/x'), (True, 'a')]
+    assert wire.calls() == [('POST', '_all_docs'), ('GET', '_local/x'),
+                            ('POST', '_bulk_docs')]
+    assert wire[0].body == {'keys': ['a']}
+    assert db.get('_local/x') is None and 'a' not in db
+    assert not S.has_changes()
+
+
+def test_deleting_a_missing_local_document_is_reported_and_dropped(db, wire):
+    """Deleting a _local/ id the server does not have costs one GET, fails
+    with ResourceNotFound in FlushError, and is dropped."""
+    S = Session(db)
+    del S['_local/nope']
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['_local/nope'],
+                      couchdb.ResourceNotFound)
+    assert caught.value.dropped == {'_local/nope'}
+    assert wire.calls() == [('GET', '_local/nope')]
+    assert S.flush() == []
+
+
+def local_conflict(db):
+    """A session holding '_local/x' with its change ``mine=1``, after
+    another writer changed ``v`` on the server."""
+    put(db, '_local/x', v=0, mine=0)
+    S = Session(db)
+    S['_local/x']['mine'] = 1
+    change(db, '_local/x', v='theirs')
+    return S
+
+
+def keep_both(mine, theirs, base):
+    """A resolver: the server's version with the session's ``mine``."""
+    assert base['mine'] == 0 and theirs['v'] == 'theirs'
+    return dict(theirs, mine=mine['mine'], resolved=True)
+
+
+@pytest.mark.parametrize('policy, expected', [
+    ('overwrite', {'v': 0, 'mine': 1}),
+    ('merge', {'v': 'theirs', 'mine': 1}),
+    ('function', {'v': 'theirs', 'mine': 1, 'resolved': True}),
+])
+def test_a_conflict_on_a_local_document_is_settled(db, wire, policy,
+                                                   expected):
+    """A _local/ document another writer changed after the session read it
+    is settled by 'overwrite', 'merge' and a resolver: one GET reads the
+    server's version, one more bulk request writes over it."""
+    S = local_conflict(db)
+    wire.clear()
+    S.flush(on_conflict=keep_both if policy == 'function' else policy)
+    assert wire.calls() == [('POST', '_bulk_docs'), ('GET', '_local/x'),
+                            ('POST', '_bulk_docs')]
+    assert content(db, '_local/x') == expected
+    assert S['_local/x'].rev == db['_local/x'].rev
+    assert dict(S['_local/x']) == dict(db['_local/x'])
+    assert not S.has_changes()
+
+
+def test_a_conflict_on_a_local_document_raises_with_raise(db, wire):
+    """'raise': the conflict on a _local/ document is in FlushError, the
+    document stays pending with its change, and no read is made."""
+    S = local_conflict(db)
+    wire.clear()
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['_local/x'],
+                      couchdb.ResourceConflict)
+    assert caught.value.dropped == set()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    assert S.dirty == [S['_local/x']] and S['_local/x']['mine'] == 1
+    assert content(db, '_local/x') == {'v': 'theirs', 'mine': 0}
+
+
+def test_a_local_document_deleted_on_the_server_is_written_again(db):
+    """'overwrite' of a change to a _local/ document another writer
+    deleted writes it again."""
+    put(db, '_local/x', v=0)
+    S = Session(db)
+    S['_local/x']['v'] = 1
+    db.delete(db['_local/x'])
+    S.flush(on_conflict='overwrite')
+    assert content(db, '_local/x') == {'v': 1}
+    assert S['_local/x'].rev == db['_local/x'].rev
+
+
+def test_a_deleted_local_document_can_be_created_again(db):
+    """A _local/ document deleted (by the session, read or not, or by
+    another writer) is created again by S[id] = content."""
+    put(db, '_local/read', v=0)
+    put(db, '_local/unread', v=0)
+    put(db, '_local/flushed', v=0)
+    put(db, '_local/theirs', v=0)
+    S = Session(db)
+    del S['_local/flushed']
+    S.flush()
+    S['_local/flushed'] = {'v': 'again'}
+    S['_local/read']
+    del S['_local/read']
+    S['_local/read'] = {'v': 'new'}
+    del S['_local/unread']
+    S['_local/unread'] = {'v': 'new'}
+    del S['_local/never']
+    S['_local/never'] = {'v': 'new'}
+    db.delete(db['_local/theirs'])
+    S['_local/theirs'] = {'v': 'new'}
+    S.flush()
+    assert content(db, '_local/flushed') == {'v': 'again'}
+    for id in ('read', 'unread', 'never', 'theirs'):
+        assert content(db, '_local/' + id) == {'v': 'new'}
+        assert S['_local/' + id].rev == db['_local/' + id].rev
+    assert not S.has_changes()
 
 
 # -- Failures: connection failures --------------------------------------------
@@ -7089,7 +7418,7 @@ def test_a_bad_value_2000_deep_is_named_by_its_path():
     bottom(doc)[1][1] = 'int key'
     with pytest.raises(TypeError) as caught:
         S.flush()
-    assert 'the key 1 at %s is a int' % ('/x' * 2000) in str(caught.value)
+    assert 'the key 1 at %s is an int' % ('/x' * 2000) in str(caught.value)
 
 
 def test_a_value_that_holds_itself_is_refused():
