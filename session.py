@@ -171,8 +171,12 @@ def _failures_message(failures, dropped):
     return ' '.join(sentences)
 
 
-def _and(items):
-    """``'a'``, ``'a and b'``, ``'a, b and c'``: a list for messages."""
+def _and(items, most=10):
+    """``'a'``, ``'a and b'``, ``'a, b and c'``: a list for messages, of
+    ``most`` items and how many more there are."""
+    if len(items) > most:
+        return '%s and %d more' % (', '.join(items[:most]),
+                                   len(items) - most)
     if len(items) < 2:
         return ''.join(items)
     return '%s and %s' % (', '.join(items[:-1]), items[-1])
@@ -2691,6 +2695,11 @@ class _Flush(object):
                     self.results.written(id, bool(row.get('accepted'))
                                          if flagged else status == 202)
                     self.map.written(entry, outcome, payload)
+                elif isinstance(outcome, _ResourceNotFound) and \
+                        payload.get('_deleted'):
+                    # Gone already (a _local document leaves no tombstone
+                    # to conflict with): nothing to delete, or to retry.
+                    self.map.forget(entry)
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
                     # answered a conflict had it applied an earlier write.

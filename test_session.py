@@ -3288,6 +3288,38 @@ def test_deleting_a_missing_local_document_is_reported_and_dropped(db, wire):
     assert S.flush() == []
 
 
+def test_flush_error_of_many_documents_names_ten_and_counts_the_rest(db):
+    """A message that names every one of 2,000 refused documents helps
+    no one: it names ten, and says how many more."""
+    S = Session(db)
+    for n in range(25):
+        S['_bad%02d' % n] = {}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    message = str(caught.value)
+    assert len(caught.value.failures) == 25
+    assert "'_bad09'" in message and "'_bad10'" not in message
+    assert 'and 15 more stay pending' in message
+
+
+def test_deleting_a_local_document_someone_deleted_drops_it(db):
+    """A fetched _local/ document deleted on the server, then in the
+    session: the server answers not_found (no tombstone to conflict with);
+    it is reported as dropped, and not sent again."""
+    put(db, '_local/x', v=0)
+    put(db, 'a', v=0)
+    S = Session(db)
+    del S['_local/x']
+    S['a']['v'] = 1
+    db.delete(db['_local/x'])
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert caught.value.dropped == {'_local/x'}
+    assert content(db, 'a') == {'v': 1}
+    assert not S.has_changes() and S.flush() == []
+    assert db.get('_local/x') is None
+
+
 def local_conflict(db):
     """A session holding '_local/x' with its change ``mine=1``, after
     another writer changed ``v`` on the server."""
