@@ -2445,6 +2445,15 @@ _RESEND = object()
 # lost write did not reach it.
 _NOT_THERE = object()
 
+# What `_Flush.settle` returns for a document with nothing left to write:
+# no outcome at all.
+_NOTHING = object()
+
+# The reason of a deletion of a document whose create never reached the
+# server, which holds another writer's.
+_NEVER_CREATED = ('what this session created never reached the server: '
+                  'nothing of its own to delete')
+
 
 class _Flush(object):
     """One `Session.flush()` call: plans each bulk request (calling the
@@ -2898,6 +2907,9 @@ class _Flush(object):
             outcome = self.settle(entry, rev, theirs)
             if outcome is _RESEND:
                 resend.append(entry.payload(self.inline_limit))
+            elif outcome is _NOTHING:
+                del self.outcomes[id]
+                self.map.clean(entry)
             elif outcome is not None:
                 self.record(id, outcome)
         return resend
@@ -2905,7 +2917,8 @@ class _Flush(object):
     def settle(self, entry, rev, theirs):
         """The new outcome for ``entry`` given the server's ``theirs`` at
         ``rev`` (``None`` if deleted or missing): a revision (settled), an
-        exception (refused), `_RESEND`, or ``None`` to keep the conflict."""
+        exception (refused), `_RESEND`, `_NOTHING` (nothing to write, and no
+        conflict), or ``None`` to keep the conflict."""
         mine = None if entry.state is _DELETED else entry.subject
         base = None
         if entry.sent is not None:
@@ -2920,7 +2933,14 @@ class _Flush(object):
             if base is _NOT_THERE:
                 base = None
                 if self.map.not_landed(entry):
-                    return _ResourceNotFound(('not_found', 'missing'))
+                    return _ResourceNotFound(('not_found', 'missing' if
+                                              theirs is None else
+                                              _NEVER_CREATED))
+                if entry.state is _DIRTY and not entry.diff() and \
+                        not entry.attachments.changes:
+                    # Sent only because it might have landed, and changed
+                    # back since: nothing of the user's to write.
+                    return _NOTHING
             elif base is not None and self.on_conflict != 'raise':
                 self.map.landed(entry, base['_rev'])
         if self.on_conflict == 'raise':
@@ -2956,9 +2976,10 @@ class _Flush(object):
         revision after the one it was written over, if that holds what was
         sent; `_NOT_THERE` if it does not; ``None`` if that cannot be told
         (compaction drops the bodies of old revisions). Two ``GET``
-        requests."""
+        requests; ``rev`` may be a deletion's (a tombstone has a history
+        too)."""
         sent = entry.sent
-        if theirs is None or sent.get('_deleted'):
+        if rev is None or sent.get('_deleted'):
             return None
         db = self.session.db
         history = db.get(entry.id, rev=rev, revs='true') or {}

@@ -5945,7 +5945,8 @@ def test_a_bad_w_is_refused_at_the_call(db, bad):
 # 10. Deleting by id an id the server does not have is reported in
 #    FlushError as ResourceNotFound (documented); a document created by a
 #    broken flush that did not reach the server and deleted again may be
-#    reported so, or forgotten at once.
+#    reported so (also when the server holds another writer's document of
+#    that id), or forgotten at once.
 # 11. A resolver function returning None leaves the conflict pending and
 #    reported; the model's resolvers return the session's version
 #    ('mine'), the server's ('theirs'), the server's with the session's
@@ -6255,6 +6256,19 @@ class SessionMachine(RuleBasedStateMachine):
             return Version(self.tombstone_rev(id), None, {})
         rev, content, stubs = seen[id]
         return Version(rev, content, stubs)
+
+    def history_holds(self, id, body):
+        """Whether a revision of ``id`` older than the current one holds
+        ``body`` (the server's history, read directly)."""
+        current = self.db.get(id, revs=True) or {}
+        revisions = current.get('_revisions') or {}
+        start = revisions.get('start', 0)
+        for n, hash in enumerate(revisions.get('ids', [])[1:], 1):
+            old = self.db.get(id, rev='%d-%s' % (start - n, hash))
+            if old is not None and not old.get('_deleted') and \
+                    same(user_body(old), body):
+                return True
+        return False
 
     def drop_refs(self, id):
         self.refs = [ref for ref in self.refs if ref.id != id]
@@ -6737,7 +6751,17 @@ class SessionMachine(RuleBasedStateMachine):
             # Created, sent by a broken flush that did not reach the server,
             # deleted: reported as missing, or not (rule 10).
             outcomes = self.expect_plainly(id, held, version, policy, choice)
-            return outcomes + [Outcome('unchanged', why='rule 10')]
+            outcomes.append(Outcome('unchanged', why='rule 10'))
+            outcomes.append(Outcome('unchanged', error=couchdb.ResourceNotFound,
+                                    why='rule 10'))
+            if sent is not None and self.history_holds(id, sent[0]):
+                # An older revision holds what was sent: the session cannot
+                # tell it from its own create, under the writer's change,
+                # which its deletion conflicts with (rule 6).
+                outcomes.append(Outcome('unchanged',
+                                        error=couchdb.ResourceConflict,
+                                        why='rule 6: sent, in the history'))
+            return outcomes
         if id in self.unsure and not held.has_work():
             # Sent by the broken flush, changed back since: the session may
             # send it again (and meet a conflict if the server moved).
