@@ -4252,6 +4252,51 @@ def test_deleting_a_lost_create_leaves_another_writers_document(
     assert not S.has_changes()
 
 
+def test_a_lost_write_under_a_deletion_is_known_not_to_have_landed(
+        db, remote, forwarder):
+    """A write cut before the server saw it (python-couchdb's retry then
+    meets a conflict) of a document another writer deleted: the tombstone's
+    history shows the write is not there, so once the user changes the
+    document back there is nothing left to send."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    S['a']['v'] = 1
+    db.delete(db['a'])
+    forwarder.fail('cut_before', when=is_bulk_docs, times=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    S['a']['v'] = 0
+    assert not S.has_changes()
+    forwarder.received.clear()
+    assert S.flush() == [] and sum(forwarder.received.values()) == 0
+    assert 'a' not in db
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge', 'overwrite'])
+def test_a_lost_write_changed_back_is_left_clean(db, remote, forwarder,
+                                                  policy):
+    """A write whose outcome is unknown is sent again even if the user
+    changed the document back since (it may have landed); when the server's
+    history shows it did not, there is nothing of the user's to write: no
+    write, no conflict, the same document object, clean, for every
+    policy, also when another writer deleted the document meanwhile."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    doc = S['a']
+    doc['v'] = 1
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    db.delete(db['a'])
+    doc['v'] = 0
+    assert S.has_changes()          # it may have landed: to be checked
+    assert S.flush(on_conflict=policy) == []
+    assert 'a' not in db and S['a'] is doc and doc == {'_id': 'a', '_rev':
+                                                        doc['_rev'], 'v': 0}
+    assert not S.has_changes() and S.flush() == []
+
+
 def test_deleting_a_missing_id_beside_a_lost_answer_writes_no_tombstone(
         db, remote, forwarder):
     """``del S[id]`` of an id the server never had, in a flush whose bulk
