@@ -264,8 +264,10 @@ class Session(object):
         _check_db(db)
         self.db = db
         self.on_conflict = _check_on_conflict(on_conflict)
-        self.max_inline_attachment = max_inline_attachment
-        self.max_document_size = max_document_size
+        self.max_inline_attachment = _check_bytes(
+            'max_inline_attachment', max_inline_attachment)
+        self.max_document_size = _check_bytes(
+            'max_document_size', max_document_size, none=True)
         self.w = _check_w(w)
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
@@ -516,10 +518,37 @@ class Session(object):
         return entry.id, entry.doc.get('_rev')
 
     def update(self, documents):
-        """`save` each of ``documents``.
+        """`save` each of ``documents``. All are checked first, so that bad
+        input queues none of them.
 
         :return: the list of their ids
+        :raise TypeError: for an item that is not a dict, or an ``_id`` that
+                          is not a string
+        :raise ResourceConflict: for an id given twice, or a new document
+                                 with the id of one the session holds
         """
+        documents = list(documents)
+        seen = set()
+        for doc in documents:
+            if self._entry_of(doc) is not None:
+                continue
+            if not isinstance(doc, dict):
+                raise TypeError('expected dict, got %s' % type(doc).__name__)
+            id = doc.get('_id')
+            if id is None:
+                continue
+            _check_id(id)
+            entry = self._map.entries.get(id)
+            if id in seen:
+                raise _ResourceConflict(('conflict', 'document %r is given '
+                                         'twice' % id))
+            if entry is not None and entry.state is not _DELETED and \
+                    '_rev' not in doc and not doc.get('_deleted'):
+                raise _ResourceConflict(
+                    ('conflict', 'the session already holds document %r; '
+                     'change that document instead of creating it again'
+                     % id))
+            seen.add(id)
         return [self.save(doc)[0] for doc in documents]
 
     def delete(self, doc):
@@ -568,6 +597,8 @@ class Session(object):
 
         :raise ResourceNotFound: if the document is deleted in this session
         :raise TypeError: if the id is not a string
+        :raise ValueError: for a filename UTF-8 cannot encode (a lone
+                           surrogate) or a content type that is not ASCII
         """
         if filename is None:
             if not hasattr(content, 'name'):
@@ -583,6 +614,13 @@ class Session(object):
             raise TypeError('attachment %r of document %r: the content must '
                             'be bytes, str or a file-like object, got %s'
                             % (filename, entry.id, type(content).__name__))
+        if not isinstance(filename, str) or not _encodes(filename):
+            raise ValueError('attachment %r of document %r: a filename is a '
+                             'string UTF-8 can encode' % (filename, entry.id))
+        if not isinstance(content_type, str) or not content_type.isascii():
+            raise ValueError('attachment %r of document %r: the content type '
+                             '%r is not ASCII, as a MIME type is'
+                             % (filename, entry.id, content_type))
         entry.attachments.put(filename, _Attachment(content, content_type))
         self._map.wait(entry)
 
@@ -2263,7 +2301,7 @@ class _FlushPlan(object):
     `unchanged` the dirty entries whose changes cancelled out.
     """
 
-    def __init__(self, entries, inline_limit=None):
+    def __init__(self, entries, inline_limit=None, strict=True):
         self.deleted = []       # entries to delete
         self.created = []       # new entries, written without a base
         self.changed = []       # (entry, diff) of dirty entries that differ
@@ -2271,6 +2309,10 @@ class _FlushPlan(object):
         self.uploads = []       # entries with attachments too large to
         #                         go inline, uploaded after the bulk request
         self.inline_limit = inline_limit
+        # With ``strict``, a value JSON cannot carry raises at once (nothing
+        # was sent yet); otherwise it is that document's outcome.
+        self.strict = strict
+        self.problems = {}      # id: TypeError or ValueError, if not strict
         self._by_id = {}
         for entry in entries:
             self._by_id[entry.id] = entry
@@ -2280,7 +2322,13 @@ class _FlushPlan(object):
             if entry.state is _NEW:
                 self.created.append(entry)
             else:
-                diff = entry.diff()
+                try:
+                    diff = entry.diff()
+                except TypeError as exc:        # a key that is no string
+                    if strict:
+                        raise
+                    self.problems[entry.id] = _not_sent(exc)
+                    continue
                 large = entry.attachments.large(inline_limit)
                 # A document whose last write's outcome is unknown goes
                 # again even if its changes cancelled out since: the server
@@ -2338,21 +2386,38 @@ class _FlushPlan(object):
 
     def payloads(self):
         """The documents to send, as plain dicts python-couchdb may encode
-        and modify (never the session's own objects).
+        and modify (never the session's own objects); without those in
+        `problems`.
 
-        :raise TypeError, ValueError: for a value JSON cannot carry, naming
-                                      the document and the path
+        :raise TypeError, ValueError: if `strict`, for a value JSON cannot
+                                      carry, naming the document and the
+                                      path
         """
-        for entry in self.created:
-            _check_json(entry.id, entry.subject)
+        checks = [(entry, entry.subject, '') for entry in self.created]
         # A changed document was valid as fetched: only what its diff puts
         # in needs checking (`_diff_dict` checks the keys it adds).
-        for entry, diff in self.changed:
-            for op in diff:
-                if 'value' in op:
-                    _check_json(entry.id, op['value'], op['path'])
+        checks += [(entry, op['value'], op['path'])
+                   for entry, diff in self.changed
+                   for op in diff if 'value' in op]
+        for entry, value, path in checks:
+            try:
+                _check_json(entry.id, value, path)
+            except (TypeError, ValueError) as exc:
+                if self.strict:
+                    raise
+                self.problems.setdefault(entry.id, _not_sent(exc))
         return [entry.payload(self.inline_limit) for entry in
-                self.created + [e for e, _ in self.changed] + self.deleted]
+                self.created + [e for e, _ in self.changed] + self.deleted
+                if entry.id not in self.problems]
+
+
+def _check_bytes(name, value, none=False):
+    if (value is None and none) or (isinstance(value, int) and
+                                    not isinstance(value, bool) and
+                                    value >= 0):
+        return value
+    raise ValueError('%s is a number of bytes%s, got %r'
+                     % (name, ' or None' if none else '', value))
 
 
 def _check_w(w):
@@ -2380,8 +2445,16 @@ def _check_json(id, value, path=''):
         raise error(_NOT_JSON % (id, message % (path or '/')))
 
 
-_NOT_JSON = ('document %r holds what JSON cannot carry: %s. Nothing was '
-             'sent: fix it, and flush again.')
+def _not_sent(exc):
+    """``exc``, a document's bad value found after the flush sent others,
+    saying so."""
+    message = str(exc).replace(_NOTHING_SENT, _NOT_SENT)
+    return type(exc)(message)
+
+
+_NOT_SENT = 'It was not sent, and stays pending: fix it, and flush again.'
+_NOTHING_SENT = 'Nothing was sent: fix it, and flush again.'
+_NOT_JSON = 'document %r holds what JSON cannot carry: %s. ' + _NOTHING_SENT
 _BAD_KEY = 'the key %r at %s is %s, but JSON object keys must be strings'
 
 
@@ -2477,6 +2550,8 @@ class _Flush(object):
         self.results = _FlushResults()  # (success, id, rev_or_exc) of every
         #                                 round, and the ids only accepted
         self.encoded = {}       # id: (payload, its JSON), of what was checked
+        self.sent_any = False   # whether a write went out: after that, a
+        #                         bad value is its document's outcome
         self.splits = 0         # requests spent finding refused documents
         self.failures = {}      # id: exception, of the refused documents
         self.plan = None        # the plan of the round being written
@@ -2549,7 +2624,8 @@ class _Flush(object):
         again."""
         plan = _FlushPlan([entry for id, entry in
                            self.map.pending.items()
-                           if id not in self.failures], self.inline_limit)
+                           if id not in self.failures], self.inline_limit,
+                          strict=not self.sent_any)
         for entry in plan.unchanged:
             self.map.clean(entry)
         return plan
@@ -2590,8 +2666,10 @@ class _Flush(object):
         conflicts of both, for at most `Session.max_conflict_rounds` rounds
         of one read and one write; the outcomes are in `outcomes`."""
         self.outcomes, self.wrote = {}, {}
-        payloads = plan.payloads()      # raises on bad values: nothing sent
-        payloads = self.check(plan, payloads, strict=True)
+        payloads = plan.payloads()      # may raise on bad values: see strict
+        for id, problem in plan.problems.items():
+            self.record(id, problem)
+        payloads = self.check(plan, payloads, strict=plan.strict)
         self.look_up_revisions(plan, payloads)
         self.send(plan, payloads)
         self.upload(plan)
@@ -2653,22 +2731,13 @@ class _Flush(object):
             problem = ValueError(_NOT_JSON % (id, _unencodable(payload)))
             if strict:
                 raise problem from None
-            return problem
+            return _not_sent(problem)
         self.encoded[id] = (payload, data)
-        limit = self.session.max_document_size
-        if limit is not None and len(data) > limit:
-            size = len(data)
-            if '_attachments' in payload:
-                size = len(_encode(dict(
-                    (key, value) for key, value in payload.items()
-                    if key != '_attachments')).encode('utf-8'))
-            if size > limit:
-                del self.encoded[id]
-                return _ServerError((
-                    'document_too_large', 'document %r is %d bytes of JSON '
-                    'without its attachments, more than max_document_size '
-                    '(%d); the server would refuse it' % (id, size, limit)))
-        return None
+        refusal = _too_large(id, payload, data,
+                             self.session.max_document_size)
+        if refusal is not None:
+            del self.encoded[id]
+        return refusal
 
     def send(self, plan, payloads):
         """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
@@ -2753,6 +2822,7 @@ class _Flush(object):
         body = b'{"docs":[%s]}' % b','.join(
             self.encoded[payload['_id']][1] for payload in batch)
         options = {} if self.w is None else {'w': self.w}
+        self.sent_any = True
         for retry in (True, False):
             try:
                 status, _, rows = self.resource.post_json(
@@ -2855,6 +2925,7 @@ class _Flush(object):
         python-couchdb would retry it (which would read a streamed file on
         from where the failed attempt left it). The status and answer."""
         options = {} if self.w is None else {'w': self.w}
+        self.sent_any = True
         for retry in (True, False):
             try:
                 return self.resource(*_path_of(entry.id)).put_json(
@@ -2964,11 +3035,25 @@ class _Flush(object):
                                          (mine, theirs, base)])
             if content is None:
                 return None
-            try:
-                _check_json(entry.id, _copy_in(content))
-            except (TypeError, ValueError) as exc:
-                return exc
+            problem = self.refusal_of(entry, content)
+            if problem is not None:
+                return problem      # the document stays as it was
         return self.settle_on(entry, content, rev, theirs)
+
+    def refusal_of(self, entry, content):
+        """The exception refusing a resolve function's ``content`` for
+        ``entry`` as `check` would refuse it, or ``None``."""
+        try:
+            copy = _copy_in(content)
+            _check_json(entry.id, copy)
+            data = _encode(copy).encode('utf-8')
+        except UnicodeEncodeError:
+            return _not_sent(ValueError(_NOT_JSON % (entry.id,
+                                                     _unencodable(copy))))
+        except (TypeError, ValueError) as exc:
+            return _not_sent(exc)
+        return _refusal(entry, copy, self.inline_limit) or _too_large(
+            entry.id, copy, data, self.session.max_document_size)
 
     def landed_below(self, entry, rev, theirs):
         """The session's own write whose answer was lost, as the server
@@ -3187,6 +3272,73 @@ def _refusal(entry, payload, inline_limit):
                 'bad_request', 'document %r: the attachment name %r starts '
                 'with "_", which CouchDB refuses' % (id, name)))
     return None
+
+
+def _too_large(id, payload, data, limit):
+    """The refusal of document ``id``, ``payload`` encoded as ``data``, if
+    CouchDB would find it larger than ``limit`` (None: no limit)."""
+    # The JSON is never smaller than CouchDB's measure: only a document
+    # whose JSON is larger than the limit needs measuring.
+    if limit is None or len(data) <= limit:
+        return None
+    size = _couch_size(dict((key, value) for key, value in payload.items()
+                            if key not in _NOT_BODY))
+    if size <= limit:
+        return None
+    return _ServerError((
+        'document_too_large', 'document %r is %d bytes as CouchDB measures '
+        'it (the JSON of its body, without _id, _rev and attachments), more '
+        'than max_document_size (%d); the server would refuse it'
+        % (id, size, limit)))
+
+
+# The special members CouchDB keeps apart from a document's body.
+_NOT_BODY = frozenset(['_id', '_rev', '_attachments', '_deleted', '_revisions',
+                       '_revs_info', '_conflicts', '_deleted_conflicts',
+                       '_local_seq'])
+
+
+def _couch_size(value):
+    """The size CouchDB 3 gives ``value`` (a document's body) to compare
+    with ``max_document_size``: its JSON with strings as their UTF-8 bytes
+    unescaped, and each float counted as 3 to 6 bytes whatever its digits
+    (couch_ejson_size)."""
+    total, stack = 0, [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += 2 + len(value.encode('utf-8'))
+        elif value is None or value is True:
+            total += 4
+        elif value is False:
+            total += 5
+        elif isinstance(value, int):
+            total += len(str(value))
+        elif isinstance(value, float):
+            total += _float_size(value)
+        elif isinstance(value, dict):
+            total += 1 + 2 * len(value) if value else 2
+            for key, item in value.items():
+                stack.append(key)
+                stack.append(item)
+        else:                   # a list or tuple
+            total += 1 + len(value) if value else 2
+            stack.extend(value)
+    return total
+
+
+def _float_size(value):
+    """The bytes CouchDB counts for a float (see `_couch_size`)."""
+    if value < 0.0:
+        return _float_size(-value) + 1
+    if value in (0.0, 1.0):
+        return 3
+    if value < 1.0:
+        for bound, size in ((1e-300, 3), (1e-100, 6), (1e-10, 5), (0.01, 4)):
+            if value <= bound:
+                return size
+        return 3
+    return 5 if value >= 1e100 else 4 if value >= 1e10 else 3
 
 
 def _id_problem(id):

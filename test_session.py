@@ -5793,6 +5793,110 @@ def test_splitting_stops_after_max_split_requests(db, forwarder, remote):
     assert len(S.new) == 4
 
 
+def test_attachment_names_and_types_that_cannot_be_sent_fail_at_the_call(
+        db, wire):
+    """A filename with a lone surrogate (it cannot go in a URL or in JSON)
+    and a content type that is not ASCII (it cannot go in a header) are a
+    ValueError at put_attachment, naming the document; nothing is queued."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    doc = S['a']
+    wire.clear()
+    with pytest.raises(ValueError, match="document 'a'"):
+        S.put_attachment(doc, b'x' * 70000, os.fsdecode(b'caf\xe9.bin'))
+    with pytest.raises(ValueError, match="content type"):
+        S.put_attachment(doc, b'x', 'f.txt', 'text/plain; charset=\u20ac')
+    assert not S.has_changes() and wire == []
+
+
+def test_max_document_size_is_measured_as_couchdb_measures_it(db, wire):
+    """CouchDB counts a document's body without _id and _rev, its strings
+    unescaped and each float as a few bytes: documents whose JSON is over
+    the limit but whose measure is not are written."""
+    S = Session(db, max_document_size=1000)
+    S['lines'] = {'text': 'line\n' * 190}         # JSON 1,152 bytes
+    S['floats'] = {'f': [0.1234567891234] * 100}  # JSON about 1,600
+    S['x' * 1200] = {}                           # the id does not count
+    S['over'] = {'text': 'y' * 999}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['over']
+    assert 'max_document_size (1000)' in caught.value.failures['over'].args[
+        0][1]
+    assert sorted(user_docs(db)) == sorted(['floats', 'lines', 'x' * 1200])
+
+
+def test_bad_value_from_a_post_flush_hook_is_reported_with_the_rest(db):
+    """A bad value in a document a post-flush hook creates, after the first
+    request was written, fails only that document, in the FlushError that
+    also reports the first round's refusal; it says it was not sent."""
+    def audit(S, deleted, created, changed):
+        if not any(doc['_id'] == 'log' for doc in created):
+            S['log'] = {'by': os.fsdecode(b'caf\xe9'), 'seen': {1}}
+
+    S = Session(db, post_flush_hook=audit)
+    S['a'] = {'v': 1}
+    S['_bad'] = {}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    failures = caught.value.failures
+    assert sorted(failures) == ['_bad', 'log']
+    assert isinstance(failures['log'], TypeError)
+    assert 'It was not sent' in str(failures['log'])
+    assert 'Nothing was sent' not in str(failures['log'])
+    assert user_docs(db) == ['a']
+    assert sorted(doc['_id'] for doc in S.new) == ['_bad', 'log']
+
+
+def test_update_checks_every_document_before_queuing_any(db):
+    """S.update() queues nothing when any item is bad."""
+    put(db, 'held', v=0)
+    S = Session(db)
+    S['held']
+    for bad in ([{'_id': 'first'}, {'_id': 'second'}, {'_id': 5}],
+                [{'_id': 'first'}, 'not a dict'],
+                [{'_id': 'first'}, {'_id': 'first', 'v': 2}],
+                [{'_id': 'first'}, {'_id': 'held'}]):
+        with pytest.raises((TypeError, couchdb.ResourceConflict)):
+            S.update(bad)
+        assert not S.has_changes() and S.new == []
+    assert S.update([{'_id': 'first'}, {'_id': 'held', '_rev': S['held'].rev,
+                                        'v': 1}]) == ['first', 'held']
+    S.flush()
+    assert content(db, 'held') == {'v': 1} and 'first' in db
+
+
+@pytest.mark.parametrize('bad', [
+    {'_private': 1}, {'name': os.fsdecode(b'\xff')}, {'set': {1}},
+    {'text': 'x' * 2000}])
+def test_a_refused_resolution_leaves_the_users_document_as_it_was(db, bad):
+    """A resolve function's document the server would refuse (or JSON
+    cannot carry) fails that document, and leaves the user's version, on
+    the revision it had: the conflict comes back at the next flush."""
+    put(db, 'a', v=0)
+    S = Session(db, max_document_size=1000)
+    doc = S['a']
+    rev = doc['_rev']
+    doc['v'] = 'mine'
+    change(db, 'a', v='theirs')
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict=lambda mine, theirs, base: dict(theirs, **bad))
+    assert list(caught.value.failures) == ['a']
+    assert doc == {'_id': 'a', '_rev': rev, 'v': 'mine'}
+    assert content(db, 'a') == {'v': 'theirs'}
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+
+
+@pytest.mark.parametrize('option, value', [
+    ('max_document_size', '8000000'), ('max_document_size', -1),
+    ('max_inline_attachment', '64k'), ('max_inline_attachment', None)])
+def test_bad_size_options_are_refused_at_construction(db, option, value):
+    with pytest.raises(ValueError, match=option):
+        Session(db, **{option: value})
+
+
 # -- The write quorum of a cluster -------------------------------------------
 #
 # A CouchDB cluster that cannot confirm a write on ``w`` nodes answers 202 with
