@@ -50,10 +50,11 @@ import mimetypes as _mimetypes
 import os as _os
 import shutil as _shutil
 import tempfile as _tempfile
+import time as _time
 import uuid as _uuid
 
-from couchdb.client import (Document as _Document, Row as _Row,
-                            Server as _Server)
+from couchdb.client import (Database as _Database, Document as _Document,
+                            Row as _Row, Server as _Server)
 from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
                           Forbidden as _Forbidden,
                           extract_credentials as _extract_credentials,
@@ -73,6 +74,7 @@ __version__ = '0.1.0'
 __all__ = [
     'FlushError',
     'Session',
+    'TooManyRequests',
 ]
 
 _logger = _logging.getLogger('session')
@@ -133,6 +135,26 @@ class FlushError(Exception):
         self.failures = failures
         self.dropped = set(dropped)
         Exception.__init__(self, _failures_message(failures, self.dropped))
+
+
+class TooManyRequests(RuntimeError):
+    """Raised instead of sending a request past `Session.max_requests`.
+
+    Nothing is sent, and nothing pending is lost: a `flush()` it stops
+    keeps what it had written and leaves the rest pending.
+
+    :ivar limit: the session's ``max_requests``
+    :ivar method: the method of the request not sent
+    :ivar url: its URL
+    """
+
+    def __init__(self, limit, method, url):
+        self.limit, self.method, self.url = limit, method, url
+        RuntimeError.__init__(
+            self, 'The session has sent its max_requests (%d) requests: %s %s '
+            'was not sent. Nothing pending is lost. Read in bulk (get_many, '
+            'view(..., include_docs=True)) or raise max_requests.'
+            % (limit, method, _url_path(url)))
 
 
 def _failures_message(failures, dropped):
@@ -238,6 +260,11 @@ class Session(object):
                               the check off
     :param w: the write quorum `flush` asks a CouchDB cluster for (``?w=``
               on each write); ``None`` leaves it to the database's
+    :param max_requests: the most HTTP requests the session may send (reads,
+                         writes, uploads, and the database's own methods
+                         called through it); the one past it raises
+                         `TooManyRequests` instead of going out. ``None``:
+                         no limit. `requests` counts them.
     :raise TypeError: if ``db`` is a URL or a `couchdb.Server`: the session
                       works on one database, ``server[name]``
     """
@@ -260,20 +287,38 @@ class Session(object):
 
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
                  on_conflict='raise', max_inline_attachment=64 * 1024,
-                 max_document_size=8000000, w=None):
+                 max_document_size=8000000, w=None, max_requests=None):
         _check_db(db)
         self.db = db
+        self._budget = _Budget(_check_count('max_requests', max_requests))
+        self._db = _counted_database(db, self._budget)  # what reads use
         self.on_conflict = _check_on_conflict(on_conflict)
-        self.max_inline_attachment = _check_bytes(
-            'max_inline_attachment', max_inline_attachment)
-        self.max_document_size = _check_bytes(
-            'max_document_size', max_document_size, none=True)
+        self.max_inline_attachment = _check_count(
+            'max_inline_attachment', max_inline_attachment, none=False)
+        self.max_document_size = _check_count('max_document_size',
+                                              max_document_size)
         self.w = _check_w(w)
         self._pre_flush = pre_flush_hook
         self._post_flush = post_flush_hook
         self._map = _IdentityMap()  # the documents, and what is pending
         self._flushing = False
         self._writes = None         # the resource `_Flush` writes through
+
+    @property
+    def requests(self):
+        """The number of HTTP requests this session has sent: reads,
+        writes, uploads, and the database's methods called through it."""
+        return self._budget.requests
+
+    @property
+    def max_requests(self):
+        """The most requests the session may send, or ``None``; see
+        `TooManyRequests`."""
+        return self._budget.limit
+
+    @max_requests.setter
+    def max_requests(self, limit):
+        self._budget.limit = _check_count('max_requests', limit)
 
     def __repr__(self):
         return '<%s %r: %d held, %d pending>' % (
@@ -284,7 +329,7 @@ class Session(object):
         # Everything the session does not define is the database's own.
         if name.startswith('__') or name == 'db':
             raise AttributeError(name)
-        return getattr(self.db, name)
+        return getattr(self._db, name)
 
     # The dict protocol, as couchdb.Database has it.
 
@@ -299,22 +344,22 @@ class Session(object):
         _check_id(id)
         entry = self._map.entries.get(id)
         if entry is None:
-            return id in self.db
+            return id in self._db
         return entry.state is not _DELETED
 
     def __iter__(self):
         """The ids of the documents on the server (``GET _all_docs``); work
         pending in the session is not included."""
-        return iter(self.db)
+        return iter(self._db)
 
     def __len__(self):
         """The number of documents on the server (``GET /db``); work
         pending in the session is not counted."""
-        return len(self.db)
+        return len(self._db)
 
     def __bool__(self):
         """Whether the database exists (``HEAD /db``)."""
-        return bool(self.db)
+        return bool(self._db)
 
     def __getitem__(self, id):
         """The tracked document with this id.
@@ -329,7 +374,7 @@ class Session(object):
         _check_id(id)
         entry = self._map.entries.get(id)
         if entry is None:
-            return self._track(self.db[id])
+            return self._track(self._db[id])
         if entry.state is _DELETED:
             raise _ResourceNotFound(('not_found', 'deleted in this session'))
         return entry.doc
@@ -387,11 +432,11 @@ class Session(object):
         """
         _check_id(id)
         if options:
-            return self.db.get(id, default, **options)
+            return self._db.get(id, default, **options)
         entry = self._map.entries.get(id)
         if entry is None:
             try:
-                return self._track(self.db[id])
+                return self._track(self._db[id])
             except _ResourceNotFound:
                 return default
         if entry.state is _DELETED:
@@ -413,7 +458,7 @@ class Session(object):
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
-            for row in self.db.view('_all_docs', keys=wanted,
+            for row in self._db.view('_all_docs', keys=wanted,
                                     include_docs=True):
                 if row.get('doc') is not None:
                     self._track(_Document(row['doc']))
@@ -437,19 +482,19 @@ class Session(object):
         documents deleted in the session are left out. The request is made
         when the results are first used.
         """
-        return _ViewResults(self, self.db.view(name, **options), wrapper)
+        return _ViewResults(self, self._db.view(name, **options), wrapper)
 
     def query(self, map_fun, reduce_fun=None, language='javascript',
               wrapper=None, **options):
         """Run a temporary view (``POST _temp_view``), with rows as in
         `view`. CouchDB 2 and later have no temporary views."""
-        results = self.db.query(map_fun, reduce_fun, language, **options)
+        results = self._db.query(map_fun, reduce_fun, language, **options)
         return _ViewResults(self, results, wrapper)
 
     def iterview(self, name, batch, wrapper=None, **options):
         """Iterate over a view in batches of ``batch`` rows, one request per
         batch, with rows as in `view`."""
-        for row in self.db.iterview(name, batch, **options):
+        for row in self._db.iterview(name, batch, **options):
             row = self._row(row, wrapper)
             if row is not None:
                 yield row
@@ -463,7 +508,7 @@ class Session(object):
         ``fields`` in the query the server sends partial documents, which
         cannot be tracked: they are returned as python-couchdb returns them.
         """
-        found = list(self.db.find(mango_query))
+        found = list(self._db.find(mango_query))
         partial = 'fields' in mango_query
         for doc in found:
             entry = self._map.entries.get(doc.get('_id'))
@@ -645,7 +690,7 @@ class Session(object):
                 return _io.BytesIO(attachment.read())
             if entry.state is _NEW and entry.rev is None:
                 return default          # not on the server yet
-        data = self.db.get_attachment(entry.id if entry else id_or_doc,
+        data = self._db.get_attachment(entry.id if entry else id_or_doc,
                                       filename, _MISSING)
         if data is _MISSING:
             return default
@@ -903,7 +948,7 @@ class Session(object):
         :raise TypeError: if the id is not a string
         """
         entry = self._held(doc_or_id)
-        fresh = self.db[entry.id]
+        fresh = self._db[entry.id]
         if entry.doc is None:
             self._map.forget(entry)
             return self._track(fresh)
@@ -2411,12 +2456,13 @@ class _FlushPlan(object):
                 if entry.id not in self.problems]
 
 
-def _check_bytes(name, value, none=False):
+def _check_count(name, value, none=True):
+    """``value``, a whole number of at least 0 (or None if ``none``)."""
     if (value is None and none) or (isinstance(value, int) and
                                     not isinstance(value, bool) and
                                     value >= 0):
         return value
-    raise ValueError('%s is a number of bytes%s, got %r'
+    raise ValueError('%s must be a whole number of at least 0%s, got %r'
                      % (name, ' or None' if none else '', value))
 
 
@@ -2565,7 +2611,24 @@ class _Flush(object):
     def run(self):
         """Write rounds until the hooks add no work: the results, or
         `FlushError`. When a round fails on the connection, the post-flush
-        hook still sees what that round had written."""
+        hook still sees what that round had written. One INFO line on the
+        session's logger says how it went."""
+        started = _time.perf_counter()
+        requests = self.session.requests
+        ended = 'done'
+        try:
+            return self.rounds()
+        except BaseException as exc:
+            ended = type(exc).__name__
+            raise
+        finally:
+            _logger.info(
+                'flush %s: %d written, %d failed, %d requests, %.1f ms',
+                ended, sum(1 for row in self.results if row[0]),
+                len(self.failures), self.session.requests - requests,
+                (_time.perf_counter() - started) * 1000)
+
+    def rounds(self):
         session = self.session
         for _ in range(session.max_hook_rounds):
             self.plan = self.plan_with_hooks()
@@ -2600,7 +2663,8 @@ class _Flush(object):
         session, on the first write)."""
         session = self.session
         if session._writes is None:
-            session._writes = _without_retries(session.db.resource)
+            session._writes = _counted(session.db.resource, session._budget,
+                                       retries=False)
         return session._writes
 
     def record(self, id, outcome):
@@ -2850,7 +2914,7 @@ class _Flush(object):
             return
         unsure = set(id for id in ids if plan.entry(id).sent is not None)
         revs = {}
-        for row in _all_docs(self.session.db, ids, include_docs=bool(unsure)):
+        for row in _all_docs(self.session._db, ids, include_docs=bool(unsure)):
             value = row.get('value') or {}
             if 'error' in row or value.get('deleted'):
                 continue
@@ -2953,7 +3017,7 @@ class _Flush(object):
         the server never had is left out, and so is a deleted ``_local/``
         document, which leaves no tombstone."""
         current = {}
-        for row in _all_docs(self.session.db, ids, include_docs=True):
+        for row in _all_docs(self.session._db, ids, include_docs=True):
             if 'error' in row:
                 continue
             deleted = row['value'].get('deleted')
@@ -3066,7 +3130,7 @@ class _Flush(object):
         sent = entry.sent
         if rev is None or sent.get('_deleted'):
             return None
-        db = self.session.db
+        db = self.session._db
         history = db.get(entry.id, rev=rev, revs='true') or {}
         revisions = history.get('_revisions') or {}
         ids = revisions.get('ids') or []
@@ -3104,19 +3168,92 @@ class _Flush(object):
         return _RESEND
 
 
-def _without_retries(resource):
+def _counted(resource, budget, retries=True):
     """A resource for ``resource``'s URL through an HTTP session of its own
-    that does not retry by itself (`_Flush` retries writes itself, to know
-    which outcomes are unknown), sharing its connections."""
-    session = _HTTPSession(timeout=getattr(resource.session, '_timeout', None),
-                           retryable_errors=())
-    pool = getattr(resource.session, 'connection_pool', None)
-    if pool is not None:
-        session.connection_pool = pool
-    writes = _Resource(resource.url, session)
-    writes.credentials = resource.credentials
-    writes.headers = dict(resource.headers)
-    return writes
+    that counts requests in ``budget``, sharing the connections and settings
+    of ``resource``'s. Without ``retries`` it does not send a request again
+    by itself (`_Flush` retries writes itself, to know which outcomes are
+    unknown)."""
+    session = object.__new__(_CountedHTTPSession)
+    session.__dict__.update(vars(resource.session))
+    session.budget = budget
+    if not retries:
+        session.retryable_errors = set()
+    counted = _Resource(resource.url, session)
+    counted.credentials = resource.credentials
+    counted.headers = dict(resource.headers)
+    return counted
+
+
+class _Budget(object):
+    """The requests a `Session` has sent, and its `max_requests`."""
+
+    __slots__ = ('requests', 'limit')
+
+    def __init__(self, limit):
+        self.requests, self.limit = 0, limit
+
+
+class _CountedHTTPSession(_HTTPSession):
+    """python-couchdb's HTTP session, counting each request in its budget
+    (and refusing the one past the limit before sending anything) and
+    logging it."""
+
+    def request(self, method, url, body=None, headers=None, credentials=None,
+                num_redirects=0):
+        budget = self.budget
+        if budget.limit is not None and budget.requests >= budget.limit:
+            raise TooManyRequests(budget.limit, method, url)
+        budget.requests += 1
+        started = _time.perf_counter()
+        status = 'failed'
+        try:
+            answer = _HTTPSession.request(self, method, url, body, headers,
+                                          credentials, num_redirects)
+            status = answer[0]
+            return answer
+        except _HTTPError as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            if _logger.isEnabledFor(_logging.DEBUG):
+                _logger.debug('%s %s: %s, %s bytes sent, %.1f ms', method,
+                              _url_path(url), status, _size_of(body),
+                              (_time.perf_counter() - started) * 1000)
+
+
+def _status_of(exc):
+    """The HTTP status of python-couchdb's exception, as far as known."""
+    for cls, status in ((_Unauthorized, 401), (_Forbidden, 403),
+                        (_ResourceNotFound, 404), (_ResourceConflict, 409),
+                        (_PreconditionFailed, 412)):
+        if isinstance(exc, cls):
+            return status
+    if exc.args and isinstance(exc.args[0], tuple) and exc.args[0]:
+        return exc.args[0][0]
+    return 'error'
+
+
+def _url_path(url):
+    """The path and query of ``url``, for logs (no credentials)."""
+    return '/' + url.split('://', 1)[-1].split('/', 1)[-1] \
+        if '/' in url.split('://', 1)[-1] else '/'
+
+
+def _size_of(body):
+    if body is None:
+        return 0
+    if isinstance(body, (bytes, str)):
+        return len(body)
+    return '?'                  # a stream, or JSON python-couchdb encodes
+
+
+def _counted_database(db, budget):
+    """``db`` as a `Session` reads it: the same database through a
+    counted HTTP session (anything else, as it is)."""
+    if not isinstance(db, _Database):
+        return db
+    return _Database(_counted(db.resource, budget), name=db._name)
 
 
 def _path_of(id):
@@ -3168,7 +3305,7 @@ def _answered(exc):
     it: the connection was refused, or the server refused the request as a
     whole (a status below 500, or a refusal for what a document holds; a
     server error may come after a part was written)."""
-    if _whole_refusal(exc) is not None:
+    if _whole_refusal(exc) is not None or isinstance(exc, TooManyRequests):
         return True
     if isinstance(exc, _HTTPError):
         return not (isinstance(exc, _ServerError) and exc.args and

@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import mimetypes
+import logging
 import os
 import random
 import uuid
@@ -176,8 +177,8 @@ def test_readme_examples_run(db):
 def test_namespace_is_the_api():
     """dir(session) shows the API, and __all__ names it."""
     public = [name for name in dir(session) if not name.startswith('_')]
-    assert sorted(public) == ['FlushError', 'Session']
-    assert sorted(session.__all__) == ['FlushError', 'Session']
+    api = ['FlushError', 'Session', 'TooManyRequests']
+    assert sorted(public) == api and sorted(session.__all__) == api
 
 
 # -- Reading ------------------------------------------------------------------
@@ -1246,6 +1247,101 @@ def test_with_block_discards_on_exception(db, wire):
             S['a'] = {'v': 1}
             raise KeyError('boom')
     assert wire.writes() == [] and 'a' not in db
+
+
+# -- Requests: counting, the budget, logging -----------------------------------
+
+def test_requests_counts_every_request_the_session_sends(db, wire):
+    """S.requests counts reads, writes, uploads and the database's methods
+    called through the session: the requests on the wire."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    wire.clear()
+    S = Session(db, max_inline_attachment=LIMIT)
+    assert S.requests == 0
+    S['a']['v'] = 1
+    S.get_many(['a', 'b', 'c'])
+    list(S.view('_all_docs'))
+    S.info()
+    'zz' in S
+    S.put_attachment(S['b'], LARGE, 'big.bin')
+    S.flush()
+    assert S.requests == len(wire) == 7
+    assert S.flush() == [] and S.requests == 7
+    assert Session(db).requests == 0        # per session
+
+
+def test_max_requests_refuses_the_request_past_it_before_sending(db, wire):
+    """The request past max_requests raises TooManyRequests naming the limit
+    and the request, and is not sent; nothing pending is lost, and raising
+    the limit lets the session go on."""
+    for id in 'abc':
+        put(db, id, v=0)
+    wire.clear()
+    S = Session(db, max_requests=2)
+    S['a']['v'] = 1
+    S['b']['v'] = 1
+    with pytest.raises(session.TooManyRequests) as caught:
+        S['c']
+    assert caught.value.limit == 2 and caught.value.method == 'GET'
+    assert '(2)' in str(caught.value) and '/c' in str(caught.value)
+    assert len(wire) == 2 and S.requests == 2
+    with pytest.raises(session.TooManyRequests):
+        S.flush()
+    assert len(wire) == 2 and sorted(d['_id'] for d in S.dirty) == ['a', 'b']
+    S.max_requests = 3
+    S.flush()
+    assert S.requests == len(wire) == 3 and not S.has_changes()
+    assert content(db, 'a') == content(db, 'b') == {'v': 1}
+
+
+def test_a_budget_spent_during_a_flush_keeps_what_was_written(db, wire):
+    """A flush stopped by the budget after its bulk write (the conflict read
+    is refused) keeps what was written; the conflict stays pending."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db, on_conflict='overwrite')
+    S['a']['v'] = 1
+    S['b']['v'] = 1
+    change(db, 'b', v='theirs')
+    S.max_requests = S.requests + 1
+    wire.clear()
+    with pytest.raises(session.TooManyRequests):
+        S.flush()
+    assert wire.calls() == [('POST', '_bulk_docs')]
+    assert content(db, 'a') == {'v': 1} and S.dirty == [S['b']]
+    S.max_requests = None
+    S.flush()
+    assert content(db, 'b') == {'v': 1}
+
+
+def test_a_bad_max_requests_is_refused(db):
+    for bad in (-1, 'ten', 1.5):
+        with pytest.raises(ValueError, match='max_requests'):
+            Session(db, max_requests=bad)
+
+
+def test_the_session_logger_tells_each_request_and_each_flush(db, caplog):
+    """One DEBUG line per request (method, path, status, bytes, time) and one
+    INFO line per flush (written, failed, requests, time) on the 'session'
+    logger."""
+    put(db, 'a', v=0)
+    S = Session(db)
+    with caplog.at_level(logging.DEBUG, logger='session'):
+        S['a']['v'] = 1
+        S['_bad'] = {}
+        with pytest.raises(FlushError):
+            S.flush()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.name == 'session']
+    debug = [message for level, message in lines if level == 'DEBUG']
+    info = [message for level, message in lines if level == 'INFO']
+    assert any(m.startswith('GET /%s/a: 200' % db.name) for m in debug)
+    assert any(m.startswith('POST /%s/_bulk_docs: 201' % db.name) and
+               'bytes sent' in m for m in debug)
+    assert len(info) == 1
+    assert info[0].startswith('flush FlushError: 1 written, 1 failed, '
+                              '1 requests')
 
 
 # -- Friendliness -------------------------------------------------------------
