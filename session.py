@@ -39,6 +39,7 @@ Contents, in reading order:
 
 import base64 as _base64
 import collections.abc as _abc
+import contextvars as _contextvars
 import errno as _errno
 import hashlib as _hashlib
 import io as _io
@@ -48,6 +49,7 @@ import marshal as _marshal
 import math as _math
 import mimetypes as _mimetypes
 import os as _os
+import random as _random
 import shutil as _shutil
 import tempfile as _tempfile
 import time as _time
@@ -73,8 +75,11 @@ __version__ = '0.1.0'
 
 __all__ = [
     'FlushError',
+    'Middleware',
     'Session',
     'TooManyRequests',
+    'current',
+    'plain',
 ]
 
 _logger = _logging.getLogger('session')
@@ -1157,6 +1162,202 @@ class _SessionRow(_Row):
         return self.get('doc')
 
 
+# -- Web requests -------------------------------------------------------------
+
+# The session of the web request being served; see `Middleware`.
+_CURRENT = _contextvars.ContextVar('session.current')
+
+
+def current():
+    """The `Session` of the web request being served by `Middleware`.
+
+    It lives in a `contextvars` variable, so each thread (and each request)
+    sees its own.
+
+    :raise LookupError: outside a request `Middleware` serves
+    """
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        raise LookupError(
+            'session.current() has no session here: it is set only while '
+            'session.Middleware serves a web request (while the app runs, '
+            'and while the body it returns is read). Outside one, make a '
+            'Session(db) of your own.') from None
+
+
+def plain(value):
+    """A plain deep copy of ``value``: a tracked document or any part of
+    it becomes plain dicts, lists and JSON values; a plain value is copied
+    the same way. Nothing is sent.
+
+    It is what JSON encoders need, which do not know tracked documents::
+
+        json.dumps(doc, default=session.plain)
+        app.json.default = session.plain            # Flask
+
+    :raise TypeError: for a value that is neither a container nor JSON (as
+                      an encoder's ``default`` must)
+    """
+    if isinstance(value, (_Tracked, dict, list, tuple)) or \
+            type(value) in _JSON_LEAVES or isinstance(value, float):
+        return _plain(value)
+    raise TypeError('Object of type %s is not JSON serializable; '
+                    'session.plain() copies documents, their parts and JSON '
+                    'values' % type(value).__name__)
+
+
+class Middleware(object):
+    """WSGI middleware giving each web request its own `Session`, flushed
+    before the answer goes out.
+
+    >>> app.wsgi_app = session.Middleware(app.wsgi_app, db)  # doctest: +SKIP
+
+    For each request it makes ``Session(db, **session_options)``, the one
+    `current()` returns while the request is served, and calls ``app``.
+
+    - The app answers a status below 400 and raises nothing: the session is
+      flushed before the status line goes out, so the answer tells the
+      truth. A `FlushError` then turns it into ``409 Conflict`` with a JSON
+      body naming each document not written and why (``{"error":
+      "conflict", "failures": {id: reason}}``); CouchDB unreachable or
+      failing (a connection error, a 5xx) into ``503 Service
+      Unavailable``. Either way the app's own body is closed unsent.
+    - The app raises, or answers 4xx or 5xx: nothing is flushed, and the
+      session is thrown away.
+
+    A body produced after the app returns (a generator, a streaming
+    response) is read with the session still current. Changes made while
+    it streams are flushed when it ends (the server closes it), after the
+    status went out: a failure then cannot change the answer, so it is
+    logged as an ERROR on the ``session`` logger and raised to the server;
+    what failed stays unwritten. Flush in the app, before returning, what
+    the answer depends on.
+    """
+
+    def __init__(self, app, db, **session_options):
+        Session(db, **session_options)      # bad options fail now
+        self.app, self.db, self.session_options = app, db, session_options
+
+    def __call__(self, environ, start_response):
+        S = Session(self.db, **self.session_options)
+        started, written = [], []   # the app's start_response, its writes
+
+        def capture(status, headers, exc_info=None):
+            started[:] = [(status, headers, exc_info)]
+            return written.append
+
+        body = _in_request(S, self.app, environ, capture)
+        chunks = iter(body)
+        first = []
+        try:
+            # The app may call start_response as late as its first chunk.
+            while not started and _in_request(S, _next, chunks, first):
+                pass
+            if not started:
+                raise RuntimeError('the app never called start_response')
+        except BaseException:
+            _close(body)
+            raise
+        status, headers, exc_info = started[0]
+        flushing = int(status.split(None, 1)[0]) < 400
+        if flushing:
+            answer = _in_request(S, _flushed, S)
+            if answer is not None:
+                _close(body)
+                status, headers, payload = answer
+                start_response(status, headers)
+                return [payload]
+        else:
+            S.reset()
+        start_response(status, headers, exc_info)
+        return _Body(S, written + first, chunks, body, flushing)
+
+
+def _in_request(S, function, *args):
+    """``function(*args)`` with ``S`` the current session."""
+    token = _CURRENT.set(S)
+    try:
+        return function(*args)
+    finally:
+        _CURRENT.reset(token)
+
+
+def _next(chunks, into):
+    """Append the next of ``chunks`` to ``into``: whether there was one."""
+    for chunk in chunks:
+        into.append(chunk)
+        return True
+    return False
+
+
+def _flushed(S):
+    """Flush ``S`` for `Middleware`: ``None`` if that went well, else
+    ``(status, headers, body)`` of the answer to give instead."""
+    try:
+        S.flush()
+    except FlushError as exc:
+        answer = '409 Conflict', {
+            'error': 'conflict', 'reason': 'documents were not written',
+            'failures': dict((id, _describe(failure)) for id, failure in
+                             exc.failures.items())}
+    except (OSError, _HTTPError) as exc:
+        status = _status_of(exc) if isinstance(exc, _HTTPError) else 0
+        if isinstance(exc, _HTTPError) and not (
+                isinstance(status, int) and status >= 500):
+            raise
+        answer = '503 Service Unavailable', {
+            'error': 'service_unavailable',
+            'reason': 'CouchDB could not be reached: %s' % (exc,)}
+    else:
+        return None
+    _logger.info('%s: %s', answer[0], answer[1]['reason'])
+    payload = _json.dumps(answer[1]).encode('utf-8')
+    return answer[0], [('Content-Type', 'application/json'),
+                       ('Content-Length', str(len(payload)))], payload
+
+
+def _close(body):
+    close = getattr(body, 'close', None)
+    if close is not None:
+        close()
+
+
+class _Body(object):
+    """The app's body as `Middleware` gives it to the server: read with the
+    session current, and the changes made meanwhile flushed when the
+    server closes it (if ``flushing``)."""
+
+    def __init__(self, session, first, chunks, body, flushing):
+        self.session, self.first, self.chunks = session, first, chunks
+        self.body, self.flushing = body, flushing
+
+    def __iter__(self):
+        for chunk in self.first:
+            yield chunk
+        while True:
+            try:
+                chunk = _in_request(self.session, next, self.chunks)
+            except StopIteration:
+                return
+            except BaseException:
+                self.flushing = False   # the app failed: write nothing
+                raise
+            yield chunk
+
+    def close(self):
+        try:
+            _in_request(self.session, _close, self.body)
+        finally:
+            if self.flushing and self.session.has_changes():
+                try:
+                    _in_request(self.session, self.session.flush)
+                except Exception:
+                    _logger.exception('changes made while the body streamed '
+                                      'were not all written')
+                    raise
+
+
 # -- Tracked proxies ----------------------------------------------------------
 
 # A tracked proxy is a ProxyTypes ObjectWrapper around one dict or list of a
@@ -1178,6 +1379,17 @@ class _SessionRow(_Row):
 
 _subject_of = _ObjectProxy.__subject__.__get__
 _set_subject = _ObjectProxy.__subject__.__set__
+
+
+def _for_json(base):
+    """The class tracked proxies of ``base`` objects give as their
+    ``__class__``: a subclass, so that ``isinstance`` holds at C speed, whose
+    name says what to do to a JSON encoder that meets one (they name the
+    type they cannot encode)."""
+    return type('%s (tracked by session; session.plain() copies it for '
+                'JSON: json.dumps(value, default=session.plain))'
+                % base.__name__, (base,), {'__slots__': (),
+                                           '__module__': 'session'})
 
 
 class _Tracked(_ObjectWrapper):
@@ -1260,7 +1472,8 @@ class _Tracked(_ObjectWrapper):
 
     def __reduce_ex__(self, protocol):
         # Pickles (and copies) as the plain value.
-        return _plain(_subject_of(self)).__reduce_ex__(protocol)
+        value = _plain(_subject_of(self))
+        return type(value), (value,)
 
 
 def _mark(marked, proxy):
@@ -1344,7 +1557,7 @@ class _TrackedDict(_Tracked):
     """A tracked dict."""
 
     __slots__ = ()
-    __class__ = dict
+    __class__ = _for_json(dict)
 
     # Reads that hand out children.
 
@@ -1476,7 +1689,7 @@ class _TrackedList(_Tracked):
     """A tracked list."""
 
     __slots__ = ()
-    __class__ = list
+    __class__ = _for_json(list)
 
     # Reads that hand out children (a slice is a copy, as in Python; a plain
     # deep one, so that no untracked alias escapes).
@@ -1644,7 +1857,7 @@ class _TrackedDocument(_TrackedDict):
     """
 
     __slots__ = ()
-    __class__ = _Document
+    __class__ = _for_json(_Document)
 
     def __setitem__(self, key, value):
         if key == '_id':
@@ -2738,12 +2951,17 @@ class _Flush(object):
         self.send(plan, payloads)
         self.upload(plan)
         settled = set()                 # ids resolve() gave its last word
-        for _ in range(self.session.max_conflict_rounds):
+        for round in range(self.session.max_conflict_rounds):
             conflicted = [id for id, outcome in self.outcomes.items()
                           if isinstance(outcome, _ResourceConflict) and
                           id not in settled]
             if not conflicted:
                 break
+            if self.on_conflict != 'raise':
+                # Writers racing for one document meet again if they all
+                # read and write again at once: a random pause, longer each
+                # round (up to 10 ms, then 20, 40), parts them.
+                _time.sleep(_random.uniform(0, 0.01 * 2 ** round))
             resend = self.resolve(plan, conflicted)
             again = set(payload['_id'] for payload in resend)
             settled.update(id for id in conflicted if id not in again)

@@ -21,6 +21,8 @@ went over the wire. In this order:
 
 import base64
 import collections
+import concurrent.futures
+import contextlib
 import copy
 import doctest
 import errno
@@ -30,12 +32,18 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import math
 import mimetypes
-import logging
 import os
 import random
+import socketserver
+import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
+import wsgiref.simple_server
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import couchdb
@@ -177,7 +185,8 @@ def test_readme_examples_run(db):
 def test_namespace_is_the_api():
     """dir(session) shows the API, and __all__ names it."""
     public = [name for name in dir(session) if not name.startswith('_')]
-    api = ['FlushError', 'Session', 'TooManyRequests']
+    api = ['FlushError', 'Middleware', 'Session', 'TooManyRequests',
+           'current', 'plain']
     assert sorted(public) == api and sorted(session.__all__) == api
 
 
@@ -1342,6 +1351,330 @@ def test_the_session_logger_tells_each_request_and_each_flush(db, caplog):
     assert len(info) == 1
     assert info[0].startswith('flush FlushError: 1 written, 1 failed, '
                               '1 requests')
+
+
+# -- Web requests: Middleware, current(), plain() -----------------------------
+#
+# A real WSGI server (the standard library's, one thread per request) serves
+# an app wrapped in `session.Middleware`; real HTTP clients drive it.
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn,
+                           wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve the WSGI ``app`` on a free loopback port; yield its URL."""
+    server = wsgiref.simple_server.make_server(
+        '127.0.0.1', 0, app, server_class=_ThreadingWSGIServer,
+        handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield 'http://127.0.0.1:%d/' % server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def fetch(url):
+    """``(status, body bytes)`` of a GET of ``url``."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def counter_app(environ, start_response):
+    """Add one to the counter document, in the request's session."""
+    S = session.current()
+    S['counter']['n'] += 1
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'counted']
+
+
+def add_up(mine, theirs, base):
+    """A resolve function: both sides' increments count."""
+    return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
+
+
+@pytest.mark.parametrize('on_conflict', ['raise', add_up])
+def test_concurrent_requests_lose_no_increment_and_count_none_twice(
+        db, on_conflict):
+    """20 concurrent requests each add one to a counter: the counter ends
+    equal to the number of 200 answers; every other answer is a 409 with
+    the JSON body naming the counter. With a resolve function adding the
+    increments up, far fewer requests end in 409."""
+    put(db, 'counter', n=0)
+    app = session.Middleware(counter_app, db, on_conflict=on_conflict)
+    with serving(app) as url:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(fetch, [url] * 20))
+    statuses = collections.Counter(status for status, _ in answers)
+    assert set(statuses) <= {200, 409}
+    assert db['counter']['n'] == statuses[200]
+    for status, body in answers:
+        if status == 409:
+            failure = json.loads(body)
+            assert failure['error'] == 'conflict'
+            assert list(failure['failures']) == ['counter']
+            assert 'conflict' in failure['failures']['counter']
+        else:
+            assert body == b'counted'
+    if on_conflict is add_up:
+        # 0 to 8 of 20 in eight runs; 'raise' 11 to 17.
+        assert statuses[409] <= 12
+    else:
+        assert statuses[200] >= 1
+
+
+def test_an_app_that_raises_writes_nothing(db):
+    def app(environ, start_response):
+        session.current()['x'] = {'v': 1}
+        raise RuntimeError('bug')
+
+    with serving(session.Middleware(app, db)) as url:
+        status, _ = fetch(url)
+    assert status == 500 and 'x' not in db
+
+
+@pytest.mark.parametrize('status', ['404 Not Found', '500 Oops'])
+def test_an_error_answer_writes_nothing(db, status):
+    def app(environ, start_response):
+        session.current()['x'] = {'v': 1}
+        start_response(status, [('Content-Type', 'text/plain')])
+        return [b'no']
+
+    with serving(session.Middleware(app, db)) as url:
+        code, body = fetch(url)
+    assert code == int(status.split()[0]) and body == b'no'
+    assert 'x' not in db
+
+
+def test_a_refused_document_turns_the_answer_into_409(db):
+    """A document the server refuses: 409 naming it and the reason, and the
+    app's own body is not sent; the others are written."""
+    def app(environ, start_response):
+        S = session.current()
+        S['good'] = {'v': 1}
+        S['_bad'] = {'v': 1}
+        start_response('201 Created', [('Content-Type', 'text/plain')])
+        return [b'created']
+
+    with serving(session.Middleware(app, db)) as url:
+        status, body = fetch(url)
+    assert status == 409
+    failures = json.loads(body)['failures']
+    assert list(failures) == ['_bad'] and 'illegal_docid' in failures['_bad']
+    assert user_docs(db) == ['good']
+
+
+def test_couchdb_unreachable_at_flush_answers_503(db, forwarder, remote):
+    def app(environ, start_response):
+        session.current()['x'] = {'v': 1}
+        forwarder.mode = 'refuse'
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'ok']
+
+    with serving(session.Middleware(app, remote)) as url:
+        status, body = fetch(url)
+    forwarder.mode = 'pass'
+    assert status == 503
+    assert json.loads(body)['error'] == 'service_unavailable'
+    assert 'x' not in db
+
+
+def test_the_middleware_flushes_before_the_status_goes_out(db):
+    """The flush happens between the app's start_response and the server's:
+    what the client reads was written already."""
+    seen = []
+
+    def app(environ, start_response):
+        session.current()['x'] = {'v': 1}
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'ok']
+
+    def server_side(environ, start_response):
+        def spy(status, headers, exc_info=None):
+            seen.append((status, 'x' in db))
+            return start_response(status, headers, exc_info)
+        return session.Middleware(app, db)(environ, spy)
+
+    with serving(server_side) as url:
+        assert fetch(url) == (200, b'ok')
+    assert seen == [('200 OK', True)]
+
+
+def test_changes_made_while_the_body_streams_are_flushed_at_its_end(db):
+    """A body produced after the app returns sees the session as current;
+    what it changes is written when the body ends, after the status."""
+    put(db, 'log', lines=[])
+
+    def app(environ, start_response):
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+
+        def body():
+            for n in range(3):
+                session.current()['log']['lines'].append(n)
+                yield b'%d' % n
+        return body()
+
+    with serving(session.Middleware(app, db)) as url:
+        assert fetch(url) == (200, b'012')
+        deadline = time.monotonic() + 5
+        while db['log']['lines'] != [0, 1, 2] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert db['log']['lines'] == [0, 1, 2]
+
+
+def test_a_streaming_body_that_fails_writes_nothing(db):
+    def app(environ, start_response):
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+
+        def body():
+            session.current()['x'] = {'v': 1}
+            yield b'a'
+            raise RuntimeError('bug while streaming')
+        return body()
+
+    with serving(session.Middleware(app, db)) as url:
+        try:
+            fetch(url)
+        except (OSError, http.client.HTTPException):
+            pass                # the server cuts the answer short
+    assert 'x' not in db
+
+
+def test_each_request_has_its_own_session_and_budget(db, wire):
+    """current() is the request's own session; max_requests guards each
+    request; S.requests counts the request's requests."""
+    for id in 'abcd':
+        put(db, id, v=0)
+    counts = []
+
+    def app(environ, start_response):
+        S = session.current()
+        ids = environ['PATH_INFO'].strip('/').split(',')
+        try:
+            for id in ids:
+                S[id]['v'] += 1
+        except session.TooManyRequests:
+            start_response('429 Too Many Requests', [])
+            return [b'']
+        counts.append(S.requests)
+        start_response('200 OK', [])
+        return [b'']
+
+    app = session.Middleware(app, db, max_requests=3)
+    with serving(app) as url:
+        wire.clear()
+        assert fetch(url + 'a,b')[0] == 200
+        assert fetch(url + 'a,b,c,d')[0] == 429
+        assert fetch(url + 'c')[0] == 200
+    assert counts == [2, 1]
+    assert len(wire) == 2 + 1 + 3 + 1 + 1
+    assert [db[id]['v'] for id in 'abcd'] == [1, 1, 1, 0]
+
+
+def test_current_outside_a_request_says_why():
+    with pytest.raises(LookupError, match='Middleware'):
+        session.current()
+
+
+def test_current_is_per_thread(db):
+    """Two requests served at once, in two threads, see their own
+    sessions."""
+    barrier = threading.Barrier(2, timeout=10)
+    seen = []
+
+    def app(environ, start_response):
+        S = session.current()
+        barrier.wait()
+        seen.append(S is session.current())
+        S[environ['PATH_INFO'].strip('/')] = {}
+        start_response('200 OK', [])
+        return [b'']
+
+    with serving(session.Middleware(app, db)) as url:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert [s for s, _ in pool.map(fetch, [url + 'p', url + 'q'])] \
+                == [200, 200]
+    assert seen == [True, True] and user_docs(db) == ['p', 'q']
+
+
+def test_middleware_refuses_bad_options_at_once(db):
+    with pytest.raises(ValueError):
+        session.Middleware(counter_app, db, on_conflict='sometimes')
+    with pytest.raises(TypeError):
+        session.Middleware(counter_app, 'http://localhost:5984/db')
+
+
+def test_plain_makes_documents_json_ready(db):
+    """session.plain copies a tracked document or any part of it into plain
+    values, and copies plain values too; json.dumps(doc,
+    default=session.plain) encodes a document."""
+    put(db, 'a', v=1, nested={'l': [1, {'x': 2}]})
+    doc = Session(db)['a']
+    copied = session.plain(doc)
+    assert type(copied) is dict and type(copied['nested']['l'][1]) is dict
+    assert copied == {'_id': 'a', '_rev': doc['_rev'], 'v': 1,
+                      'nested': {'l': [1, {'x': 2}]}}
+    assert session.plain(doc['nested']['l']) == [1, {'x': 2}]
+    assert json.loads(json.dumps(doc, default=session.plain)) == copied
+    value = {'k': [1, 2]}
+    assert session.plain(value) == value and session.plain(value) is not value
+    assert session.plain(value)['k'] is not value['k']
+    assert session.plain(3) == 3
+    with pytest.raises(TypeError, match='set'):
+        json.dumps({'s': {1}}, default=session.plain)
+
+
+def test_a_tracked_value_json_cannot_take_says_what_to_do(db):
+    """json.dumps(dict(doc)) meets tracked parts: the error names
+    session.plain."""
+    put(db, 'a', nested={'x': 1})
+    doc = Session(db)['a']
+    with pytest.raises(TypeError, match=r'session\.plain'):
+        json.dumps(dict(doc))
+    with pytest.raises(TypeError, match=r'session\.plain'):
+        json.dumps(doc)
+    assert isinstance(doc['nested'], dict) and isinstance(doc, dict)
+    assert isinstance(doc, couchdb.Document)
+
+
+def test_flask_app_with_the_middleware(db):
+    """A Flask app: jsonify of a document through app.json.default, and a
+    conflict as 409."""
+    flask = pytest.importorskip('flask')
+    put(db, 'counter', n=0)
+    app = flask.Flask('counter')
+    app.json.default = session.plain
+    app.wsgi_app = session.Middleware(app.wsgi_app, db)
+
+    @app.route('/count', methods=['POST'])
+    def count():
+        doc = session.current()['counter']
+        doc['n'] += 1
+        if flask.request.args.get('race'):
+            change(db, 'counter', n=20)     # another writer, meanwhile
+        return flask.jsonify(doc)
+
+    client = app.test_client()
+    answer = client.post('/count')
+    assert answer.status_code == 200 and answer.get_json()['n'] == 1
+    assert db['counter']['n'] == 1
+    answer = client.post('/count?race=1')
+    assert answer.status_code == 409
+    assert list(answer.get_json()['failures']) == ['counter']
+    assert db['counter']['n'] == 20
 
 
 # -- Friendliness -------------------------------------------------------------
