@@ -244,6 +244,10 @@ class Session(object):
     (``S.name``, ``S.info()``, ``S.changes()``, ...) is the wrapped
     database's own, sent straight to the server.
 
+    A session is one unit of work for one thread: do not share it between
+    threads (nothing in it is locked). In a web application, `Middleware`
+    gives each request its own, as `current()`.
+
     :param db: the `couchdb.Database` to work on
     :param pre_flush_hook: ``hook(session, deleted, created, changed)``
                            called by `flush` before writing; see
