@@ -25,10 +25,13 @@ A later request, in a new session:
 
 Contents, in reading order:
 
-- `FlushError`: raised by `flush()` when the server refused some documents.
+- `FlushError`: raised by `flush()` when the server refused some documents;
+  `TooManyRequests`: raised instead of a request past `max_requests`.
 - `Session`: the Database look-alike; `flush()` and its conflict handling,
   `diff()`, the hooks, attachments, and the housekeeping views `new`,
   `dirty` and `deleted`.
+- Web requests: `Middleware` (one session per WSGI request, flushed before
+  the answer goes out), `current()` and `plain()`.
 - Private pieces: the tracked proxies (ProxyTypes wrappers around the
   documents' dicts and lists that tell the session when they change), the
   identity map (each document's entry and the table of its states),
@@ -1164,6 +1167,96 @@ class _SessionRow(_Row):
     @property
     def doc(self):
         return self.get('doc')
+
+
+# -- Requests: counted, within the budget, logged ---------------------------
+
+def _counted(resource, budget, retries=True):
+    """A resource for ``resource``'s URL through an HTTP session of its own
+    that counts requests in ``budget``, sharing the connections and settings
+    of ``resource``'s. Without ``retries`` it does not send a request again
+    by itself (`_Flush` retries writes itself, to know which outcomes are
+    unknown)."""
+    session = object.__new__(_CountedHTTPSession)
+    session.__dict__.update(vars(resource.session))
+    session.budget = budget
+    if not retries:
+        session.retryable_errors = set()
+    counted = _Resource(resource.url, session)
+    counted.credentials = resource.credentials
+    counted.headers = dict(resource.headers)
+    return counted
+
+
+class _Budget(object):
+    """The requests a `Session` has sent, and its `max_requests`."""
+
+    __slots__ = ('requests', 'limit')
+
+    def __init__(self, limit):
+        self.requests, self.limit = 0, limit
+
+
+class _CountedHTTPSession(_HTTPSession):
+    """python-couchdb's HTTP session, counting each request in its budget
+    (and refusing the one past the limit before sending anything) and
+    logging it."""
+
+    def request(self, method, url, body=None, headers=None, credentials=None,
+                num_redirects=0):
+        budget = self.budget
+        if budget.limit is not None and budget.requests >= budget.limit:
+            raise TooManyRequests(budget.limit, method, url)
+        budget.requests += 1
+        started = _time.perf_counter()
+        status = 'failed'
+        try:
+            answer = _HTTPSession.request(self, method, url, body, headers,
+                                          credentials, num_redirects)
+            status = answer[0]
+            return answer
+        except _HTTPError as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            if _logger.isEnabledFor(_logging.DEBUG):
+                _logger.debug('%s %s: %s, %s bytes sent, %.1f ms', method,
+                              _url_path(url), status, _size_of(body),
+                              (_time.perf_counter() - started) * 1000)
+
+
+def _status_of(exc):
+    """The HTTP status of python-couchdb's exception, as far as known."""
+    for cls, status in ((_Unauthorized, 401), (_Forbidden, 403),
+                        (_ResourceNotFound, 404), (_ResourceConflict, 409),
+                        (_PreconditionFailed, 412)):
+        if isinstance(exc, cls):
+            return status
+    if exc.args and isinstance(exc.args[0], tuple) and exc.args[0]:
+        return exc.args[0][0]
+    return 'error'
+
+
+def _url_path(url):
+    """The path and query of ``url``, for logs (no credentials)."""
+    return '/' + url.split('://', 1)[-1].split('/', 1)[-1] \
+        if '/' in url.split('://', 1)[-1] else '/'
+
+
+def _size_of(body):
+    if body is None:
+        return 0
+    if isinstance(body, (bytes, str)):
+        return len(body)
+    return '?'                  # a stream, or JSON python-couchdb encodes
+
+
+def _counted_database(db, budget):
+    """``db`` as a `Session` reads it: the same database through a
+    counted HTTP session (anything else, as it is)."""
+    if not isinstance(db, _Database):
+        return db
+    return _Database(_counted(db.resource, budget), name=db._name)
 
 
 # -- Web requests -------------------------------------------------------------
@@ -3388,94 +3481,6 @@ class _Flush(object):
             self.map.clean(entry)       # the server has it already
             return rev
         return _RESEND
-
-
-def _counted(resource, budget, retries=True):
-    """A resource for ``resource``'s URL through an HTTP session of its own
-    that counts requests in ``budget``, sharing the connections and settings
-    of ``resource``'s. Without ``retries`` it does not send a request again
-    by itself (`_Flush` retries writes itself, to know which outcomes are
-    unknown)."""
-    session = object.__new__(_CountedHTTPSession)
-    session.__dict__.update(vars(resource.session))
-    session.budget = budget
-    if not retries:
-        session.retryable_errors = set()
-    counted = _Resource(resource.url, session)
-    counted.credentials = resource.credentials
-    counted.headers = dict(resource.headers)
-    return counted
-
-
-class _Budget(object):
-    """The requests a `Session` has sent, and its `max_requests`."""
-
-    __slots__ = ('requests', 'limit')
-
-    def __init__(self, limit):
-        self.requests, self.limit = 0, limit
-
-
-class _CountedHTTPSession(_HTTPSession):
-    """python-couchdb's HTTP session, counting each request in its budget
-    (and refusing the one past the limit before sending anything) and
-    logging it."""
-
-    def request(self, method, url, body=None, headers=None, credentials=None,
-                num_redirects=0):
-        budget = self.budget
-        if budget.limit is not None and budget.requests >= budget.limit:
-            raise TooManyRequests(budget.limit, method, url)
-        budget.requests += 1
-        started = _time.perf_counter()
-        status = 'failed'
-        try:
-            answer = _HTTPSession.request(self, method, url, body, headers,
-                                          credentials, num_redirects)
-            status = answer[0]
-            return answer
-        except _HTTPError as exc:
-            status = _status_of(exc)
-            raise
-        finally:
-            if _logger.isEnabledFor(_logging.DEBUG):
-                _logger.debug('%s %s: %s, %s bytes sent, %.1f ms', method,
-                              _url_path(url), status, _size_of(body),
-                              (_time.perf_counter() - started) * 1000)
-
-
-def _status_of(exc):
-    """The HTTP status of python-couchdb's exception, as far as known."""
-    for cls, status in ((_Unauthorized, 401), (_Forbidden, 403),
-                        (_ResourceNotFound, 404), (_ResourceConflict, 409),
-                        (_PreconditionFailed, 412)):
-        if isinstance(exc, cls):
-            return status
-    if exc.args and isinstance(exc.args[0], tuple) and exc.args[0]:
-        return exc.args[0][0]
-    return 'error'
-
-
-def _url_path(url):
-    """The path and query of ``url``, for logs (no credentials)."""
-    return '/' + url.split('://', 1)[-1].split('/', 1)[-1] \
-        if '/' in url.split('://', 1)[-1] else '/'
-
-
-def _size_of(body):
-    if body is None:
-        return 0
-    if isinstance(body, (bytes, str)):
-        return len(body)
-    return '?'                  # a stream, or JSON python-couchdb encodes
-
-
-def _counted_database(db, budget):
-    """``db`` as a `Session` reads it: the same database through a
-    counted HTTP session (anything else, as it is)."""
-    if not isinstance(db, _Database):
-        return db
-    return _Database(_counted(db.resource, budget), name=db._name)
 
 
 def _path_of(id):
