@@ -171,15 +171,20 @@ def test_module_docstring_example_runs(db):
     assert runner.tries > 5
 
 
-def test_readme_examples_run(db):
-    """Every example in README.txt works as shown."""
+def test_readme_examples_run(server_url):
+    """Every example in README.txt works as shown, from couchdb.Server(url)
+    on, and deletes the database it makes."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         'README.txt')
+    before = set(couchdb.Server(server_url))
     failures, tries = doctest.testfile(
-        path, module_relative=False, globs={'db': db},
+        path, module_relative=False, globs={'url': server_url},
         optionflags=doctest.ELLIPSIS)
+    left = [name for name in set(couchdb.Server(server_url)) - before
+            if name.startswith('mydb_')]
     assert failures == 0
-    assert tries > 30
+    assert tries > 170
+    assert left == []
 
 
 def test_namespace_is_the_api():
