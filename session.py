@@ -252,7 +252,7 @@ class Session(object):
     gives each request its own, as `current()`.
 
     :param db: the `couchdb.Database` to work on
-    :param pre_flush_hook: ``hook(session, deleted, created, changed)``
+    :param pre_flush_hook: ``hook(S, deleted, created, changed)``
                            called by `flush` before writing; see
                            `pre_flush_hook`
     :param post_flush_hook: called the same way after a write; see
@@ -1462,11 +1462,12 @@ class _Body(object):
 # `_touch()` before it changes the subject: the first change of a dict or
 # list records a shallow copy of it, which diffs compare with (see
 # `_Entry`). Every read path wraps the children it returns, and each proxy
-# knows its parent, so changes at any depth are seen and found. Values
-# stored in a document are deep copies (`_plain`), and so are the values
-# `pop()` hands out: no object outside the document can change it (or the
-# copies diffs compare with) behind the session's back, and the subject only
-# ever holds plain dicts, lists and scalars: never a proxy.
+# knows its parent, so changes at any depth are seen and found. A plain
+# dict or list stored in a document becomes the document's own (adopted:
+# changes made later through the user's reference to it are found, see
+# `_Tracked._own`); a tracked value stored, and the values `pop()` hands
+# out, are deep copies (`_plain`). The subject only ever holds plain dicts,
+# lists and scalars: never a proxy.
 #
 # Methods are looked up on the wrapper first, then on the subject: any
 # method not defined here (`keys`, `index`, `count`, comparisons, `len`,
