@@ -3852,6 +3852,7 @@ def _check_attachments(base, theirs, pending):
     after = theirs.get('_attachments') or {}
     # A stub's revpos is the generation that last wrote the attachment.
     generation = _generation(base.get('_rev'))
+    unchanged = []              # the session's puts of the base's content
     for filename, attachment in changes.items():
         stub = after.get(filename)
         if stub is None:
@@ -3869,9 +3870,17 @@ def _check_attachments(base, theirs, pending):
                     stub.get('digest') == attachment.digest() and \
                     stub.get('length') == attachment.size:
                 changed = False         # the same content on both sides
+            if changed and attachment is not None and known is not None \
+                    and attachment.digest() == known:
+                # The session put back what it had: no change of its own,
+                # so the other side's stands, as for a field.
+                changed = False
+                unchanged.append(filename)
         if changed:
             raise _MergeConflict('both sides changed the attachment %r'
                                  % filename)
+    for filename in unchanged:
+        del changes[filename]
 
 
 def _generation(rev):

@@ -5605,6 +5605,21 @@ def test_get_attachment_after_flush_reads_the_server(db, wire):
 
 
 # -- Attachments: conflicts ---------------------------------------------------
+def test_merge_putting_back_the_same_attachment_takes_theirs(db):
+    """'merge': the session puts back the content an attachment had when it
+    wrote it, while another writer replaced it: no change on the session's
+    side, so the other writer's stands, as for a field; no conflict."""
+    S = Session(db)
+    S['a'] = {'v': 1}
+    S.put_attachment(S['a'], b'one', 'f.bin')
+    S.flush()
+    db.put_attachment(db['a'], b'theirs', 'f.bin')
+    S.put_attachment(S['a'], b'one', 'f.bin')
+    S.flush(on_conflict='merge')
+    assert on_server(db, 'a', 'f.bin') == b'theirs'
+    assert not S.has_changes() and S['a']['_rev'] == db['a'].rev
+
+
 
 EDITS = ['field and attachment', 'attachment only']
 
