@@ -30,7 +30,6 @@ def read_long_description():
 CLASSIFIERS = [
     'Development Status :: 3 - Alpha',
     'Intended Audience :: Developers',
-    'License :: OSI Approved :: BSD License',
     'Operating System :: OS Independent',
     'Programming Language :: Python :: 3',
     'Programming Language :: Python :: 3 :: Only',
@@ -50,7 +49,8 @@ setup(
     long_description=read_long_description(),
     long_description_content_type='text/plain',
     author='The session authors',
-    license='BSD',
+    license_expression='BSD-3-Clause',
+    license_files=['LICENSE'],
     py_modules=['session'],
     python_requires='>=3.9',
     install_requires=[
