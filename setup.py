@@ -51,6 +51,10 @@ setup(
     author='The session authors',
     license_expression='BSD-3-Clause',
     license_files=['LICENSE'],
+    # The module lives at the top of the tree; saying so makes an editable
+    # install a plain .pth file (as `setup.py develop` made) rather than an
+    # import hook that setuptools warns about at every install.
+    package_dir={'': '.'},
     py_modules=['session'],
     python_requires='>=3.9',
     install_requires=[
