@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 
 all: test
 
-$(VENV_STAMP): setup.py
+$(VENV_STAMP): setup.py pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip

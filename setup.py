@@ -30,7 +30,6 @@ def read_long_description():
 CLASSIFIERS = [
     'Development Status :: 3 - Alpha',
     'Intended Audience :: Developers',
-    'License :: OSI Approved :: BSD License',
     'Operating System :: OS Independent',
     'Programming Language :: Python :: 3',
     'Programming Language :: Python :: 3 :: Only',
@@ -50,7 +49,12 @@ setup(
     long_description=read_long_description(),
     long_description_content_type='text/plain',
     author='The session authors',
-    license='BSD',
+    license_expression='BSD-3-Clause',
+    license_files=['LICENSE'],
+    # The module lives at the top of the tree; saying so makes an editable
+    # install a plain .pth file (as `setup.py develop` made) rather than an
+    # import hook that setuptools warns about at every install.
+    package_dir={'': '.'},
     py_modules=['session'],
     python_requires='>=3.9',
     install_requires=[
@@ -58,7 +62,8 @@ setup(
         'ProxyTypes>=0.10',
     ],
     extras_require={
-        'test': ['pytest', 'hypothesis', 'jsonpatch'],
+        # Flask: the README's and the tests' Flask app.
+        'test': ['pytest', 'hypothesis', 'jsonpatch', 'flask'],
     },
     classifiers=CLASSIFIERS,
 )

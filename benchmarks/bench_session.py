@@ -3,8 +3,11 @@
 Run with ``make bench`` (``BENCH_ARGS='--edit 500'`` passes options on). It
 uses the local PouchDB Server, or the server named by ``COUCHDB_URL``, or
 ``--url``. For each workload and each way of doing it, it prints the number
-of HTTP requests, the median wall time over ``--runs`` runs, and the ratio
-to the hand-written bulk baseline:
+of HTTP requests, the median wall time over ``--runs`` runs and its spread
+(fastest and slowest run), and the ratio of the medians to the hand-written
+bulk baseline with its spread: the lowest and highest ratio of paired runs
+(run *i* of a way against run *i* of the baseline, which ran next to it), so
+that one noisy run is not read as a change:
 
 (a) session   the editing session;
 (b) floor     hand-written python-couchdb with plain dicts: bulk reads, one
@@ -27,6 +30,7 @@ Workloads:
 """
 
 import argparse
+import collections
 import gc
 import os
 import statistics
@@ -74,17 +78,22 @@ class Meter(object):
         couchdb.http.Session.request = self.original
 
 
+# What `compare` measured of one way: the requests of its last run, the
+# median wall and HTTP seconds, and the wall and HTTP seconds of each run,
+# in the order of the runs (run i of every way was made in the same turn).
+Result = collections.namedtuple(
+    'Result', 'name requests seconds http runs http_runs')
+
+
 def measure(meter, runs, setup, work):
-    """Run ``work(setup())`` ``runs`` times; return (requests of the last
-    run, median seconds, median HTTP seconds)."""
-    return compare(meter, runs, setup, [('', work)])[0][1:]
+    """Run ``work(setup())`` ``runs`` times; return its `Result`."""
+    return compare(meter, runs, setup, [('', work)])[0]
 
 
 def compare(meter, runs, setup, ways):
     """Run each of ``ways`` (``(name, work)``) as ``work(setup())``, in
     turn, ``runs`` times (taking turns keeps a slow drift of the server from
-    favouring one way); return ``(name, requests of the last run, median
-    seconds, median HTTP seconds)`` for each."""
+    favouring one way); return a `Result` for each."""
     times = dict((name, ([], [])) for name, _ in ways)
     requests = {}
     for _ in range(runs):
@@ -97,8 +106,20 @@ def compare(meter, runs, setup, ways):
             times[name][0].append(time.perf_counter() - start)
             times[name][1].append(meter.http_seconds)
             requests[name] = meter.requests
-    return [(name, requests[name], statistics.median(times[name][0]),
-             statistics.median(times[name][1])) for name, _ in ways]
+    return [Result(name, requests[name], statistics.median(times[name][0]),
+                   statistics.median(times[name][1]), times[name][0],
+                   times[name][1]) for name, _ in ways]
+
+
+def spread(values, digits):
+    """``'low-high'`` of ``values``, each with ``digits`` decimals."""
+    return '%.*f-%.*f' % (digits, min(values), digits, max(values))
+
+
+def paired_ratios(runs, base_runs):
+    """The ratio of each run to the baseline's run of the same number (in
+    `compare`, the one made in the same turn)."""
+    return [run / base for run, base in zip(runs, base_runs) if base]
 
 
 # -- Documents ----------------------------------------------------------------
@@ -243,9 +264,11 @@ def idle_flush_workload(db, meter, sizes, runs):
         def flush(S):
             S.flush()
 
-        requests, seconds, http = measure(meter, runs, change, flush)
-        results.append(('session holding %d' % size, requests,
-                        seconds - http, http))
+        result = measure(meter, runs, change, flush)
+        own_runs = [seconds - http for seconds, http
+                    in zip(result.runs, result.http_runs)]
+        results.append(('session holding %d' % size, result.requests,
+                        result.seconds - result.http, result.http, own_runs))
         del S
         gc.collect()
     return results
@@ -291,17 +314,22 @@ def memory_workload(db, size):
 # -- Report -------------------------------------------------------------------
 
 def report(title, rows, baseline):
-    """Print the rows of `compare`: the ratio is to the ``baseline`` way;
-    "own" is the time spent outside HTTP requests (python-couchdb's JSON
+    """Print the `Result` rows of `compare`: "min-max s" is the fastest and
+    the slowest run; the ratio is of the medians, to the ``baseline`` way,
+    and its "min-max" the lowest and highest ratio of paired runs; "own" is
+    the median time spent outside HTTP requests (python-couchdb's JSON
     encoding and decoding counts as HTTP)."""
     print('\n%s' % title)
-    print('  %-12s %9s %10s %8s %10s %10s' % (
-        'way', 'requests', 'median s', 'ratio', 'own s', 'HTTP s'))
-    base = dict((row[0], row[2]) for row in rows)[baseline]
-    for name, requests, seconds, http in rows:
-        print('  %-12s %9d %10.4f %8.2f %10.4f %10.4f' % (
-            name, requests, seconds, seconds / base if base else 0,
-            seconds - http, http))
+    print('  %-8s %8s %8s %-15s %5s %-11s %7s %7s' % (
+        'way', 'requests', 'median s', 'min-max s', 'ratio', 'min-max',
+        'own s', 'HTTP s'))
+    base = dict((row.name, row) for row in rows)[baseline]
+    for row in rows:
+        ratios = paired_ratios(row.runs, base.runs) or [0]
+        print('  %-8s %8d %8.4f %-15s %5.2f %-11s %7.4f %7.4f' % (
+            row.name, row.requests, row.seconds, spread(row.runs, 4),
+            row.seconds / base.seconds if base.seconds else 0,
+            spread(ratios, 2), row.seconds - row.http, row.http))
 
 
 def main(argv=None):
@@ -332,7 +360,8 @@ def run(args, url):
     server = ('PouchDB Server %s' % welcome['version']
               if 'express-pouchdb' in welcome else
               'CouchDB %s' % welcome['version'])
-    print('session benchmark on %s, %d run(s) each, median wall time'
+    print('session benchmark on %s, %d run(s) each: median wall time,\n'
+          'min-max over the runs (of ratios: over paired runs)'
           % (server, args.runs))
     try:
         with temporary_database(url) as db:
@@ -347,11 +376,15 @@ def run(args, url):
                                        args.runs)
             print('\n3. idle-cache flush: 10 changed documents, flush() own '
                   'work (HTTP apart)')
-            for name, requests, own, http in rows:
-                print('  %-26s %9d %10.5f s own %8.4f s HTTP' % (
-                    name, requests, own, http))
-            print('  ratio %d held / %d held: %.2f' % (
-                args.idle, small, rows[1][2] / rows[0][2]))
+            print('  %-22s %8s %8s %-15s %7s' % (
+                'held', 'requests', 'own s', 'min-max own s', 'HTTP s'))
+            for name, requests, own, http, own_runs in rows:
+                print('  %-22s %8d %8.5f %-15s %7.4f' % (
+                    name, requests, own, spread(own_runs, 5), http))
+            ratios = paired_ratios(rows[1][4], rows[0][4]) or [0]
+            print('  ratio %d held / %d held: %.2f (min-max of paired '
+                  'runs %s)' % (args.idle, small, rows[1][2] / rows[0][2],
+                                spread(ratios, 2)))
         with temporary_database(url) as db:
             report('4. read every field of %d documents' % args.read,
                    read_workload(db, meter, args.read, args.runs), 'plain')
