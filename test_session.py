@@ -6554,6 +6554,10 @@ def test_a_bad_w_is_refused_at_the_call(db, bad):
 #    deletion is the session's version, and a deletion is returned as
 #    ``{'_deleted': True}``. Pending attachment changes go on top of what
 #    it returns (README: "resolve functions keep it").
+# 12. PouchDB Server answers a create identical to the first revision of a
+#    document it holds (same body, no parent: the same revision id) as
+#    written, where CouchDB answers a conflict; the session reports what the
+#    server answered, and nothing is lost either way.
 
 
 #: The rule families `SESSION_MODEL_SKIP` may name ('large': attachments
@@ -7332,6 +7336,21 @@ class SessionMachine(RuleBasedStateMachine):
 
     def expect(self, id, policy, choice):
         """The outcomes the model allows a flush for ``id``."""
+        outcomes = self.expect_outcomes(id, policy, choice)
+        held, version = self.held[id], self.server.get(id)
+        mine, mine_atts = held.mine()
+        if held.kind == 'new' and held.base is None and version is not None \
+                and version.body is not None and version.gen == 1 and \
+                mine is not ABSENT and same(mine, version.body) and \
+                not mine_atts and not version.attachments:
+            # Rule 12: PouchDB Server takes a create identical to the first
+            # revision of a document it holds (the revision ids are one
+            # hash) as written; CouchDB answers a conflict.
+            outcomes.append(Outcome('written', mine, {}, gens=[1],
+                                    why='rule 12: an identical create'))
+        return outcomes
+
+    def expect_outcomes(self, id, policy, choice):
         held = self.held[id]
         version = self.server.get(id)
         mine, mine_atts = held.mine()
