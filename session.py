@@ -1189,12 +1189,13 @@ def _counted(resource, budget, retries=True):
 
 
 class _Budget(object):
-    """The requests a `Session` has sent, and its `max_requests`."""
+    """The requests a `Session` has sent, and its `max_requests`; and, for
+    the log, how many documents the request being sent carries."""
 
-    __slots__ = ('requests', 'limit')
+    __slots__ = ('requests', 'limit', 'documents')
 
     def __init__(self, limit):
-        self.requests, self.limit = 0, limit
+        self.requests, self.limit, self.documents = 0, limit, None
 
 
 class _CountedHTTPSession(_HTTPSession):
@@ -1220,9 +1221,13 @@ class _CountedHTTPSession(_HTTPSession):
             raise
         finally:
             if _logger.isEnabledFor(_logging.DEBUG):
-                _logger.debug('%s %s: %s, %s bytes sent, %.1f ms', method,
-                              _url_path(url), status, _size_of(body),
+                _logger.debug('%s %s: %s, %s%s bytes sent, %.1f ms', method,
+                              _url_path(url), status, '' if
+                              budget.documents is None else
+                              '%d documents, ' % budget.documents,
+                              _size_of(body),
                               (_time.perf_counter() - started) * 1000)
+            budget.documents = None
 
 
 def _status_of(exc):
@@ -3198,12 +3203,13 @@ class _Flush(object):
         unknown (their `sent`), and is sent once more, as python-couchdb
         would retry it; the server then answers a conflict for what it had
         applied, which `settle` recognises."""
-        _logger.debug('POST _bulk_docs with %d document(s)', len(batch))
         body = b'{"docs":[%s]}' % b','.join(
             self.encoded[payload['_id']][1] for payload in batch)
         options = {} if self.w is None else {'w': self.w}
         self.sent_any = True
+        budget = self.session._budget
         for retry in (True, False):
+            budget.documents = len(batch)
             try:
                 status, _, rows = self.resource.post_json(
                     '_bulk_docs', body=body, headers=_JSON_BODY, **options)

@@ -1353,8 +1353,8 @@ def test_the_session_logger_tells_each_request_and_each_flush(db, caplog):
     debug = [message for level, message in lines if level == 'DEBUG']
     info = [message for level, message in lines if level == 'INFO']
     assert any(m.startswith('GET /%s/a: 200' % db.name) for m in debug)
-    assert any(m.startswith('POST /%s/_bulk_docs: 201' % db.name) and
-               'bytes sent' in m for m in debug)
+    assert any(m.startswith('POST /%s/_bulk_docs: 201, 1 documents, '
+                            % db.name) and 'bytes sent' in m for m in debug)
     assert len(info) == 1
     assert info[0].startswith('flush FlushError: 1 written, 1 failed, '
                               '1 requests')
