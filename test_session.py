@@ -5799,6 +5799,24 @@ def test_refused_attachment_on_a_document_the_server_refuses(db, size):
 
 
 # -- Attachments: broken connections ------------------------------------------
+def test_a_lost_answer_is_not_taken_for_another_writers_attachment(
+        db, forwarder, remote):
+    """The answer of a write carrying an attachment is lost; another writer
+    had put an attachment of that name with other content of the same
+    length: the digests differ, so the server's version is not the
+    session's own write, and 'raise' reports the conflict."""
+    put(db, 'a', v=0)
+    S = Session(remote)
+    S.put_attachment(S['a'], b'one', 'g.bin', TYPE)
+    db.put_attachment(db['a'], b'two', 'g.bin', TYPE)
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert on_server(db, 'a', 'g.bin') == b'two'
+    assert S.get_attachment('a', 'g.bin').read() == b'one'
+
+
 
 def is_put(method, path):
     """A predicate for `Forwarder.fail`: any PUT (an attachment upload)."""
