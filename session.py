@@ -2168,7 +2168,7 @@ class _IdentityMap(object):
         dropped, and a create it carried that was deleted since is
         forgotten (the return value says so)."""
         entry.sent = entry.carried = None
-        if entry.rev is _LOOKUP and entry.doc is not None:
+        if entry.rev is _LOOKUP and entry.state is _DELETED:
             self.forget(entry)      # nothing of the session's to delete
             return True
         if entry.doc is not None:
@@ -3235,7 +3235,10 @@ class _Flush(object):
         ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
         if not ids:
             return
-        unsure = set(id for id in ids if plan.entry(id).sent is not None)
+        # A re-creation writes over whatever is there; a deletion deletes
+        # only what the session wrote.
+        unsure = set(id for id in ids if plan.entry(id).sent is not None and
+                     plan.entry(id).state is _DELETED)
         revs = {}
         for row in _all_docs(self.session._db, ids, include_docs=bool(unsure)):
             value = row.get('value') or {}

@@ -4733,6 +4733,25 @@ def test_a_lost_write_changed_back_is_left_clean(db, remote, forwarder,
     assert not S.has_changes() and S.flush() == []
 
 
+def test_a_lost_create_deleted_and_created_again_writes_over_the_server(
+        db, remote, forwarder):
+    """A create whose answers were lost (the server held another writer's
+    document of that id), then deleted and created again in the session:
+    the re-creation writes over what the server holds, as a deletion by id
+    and a create do; it is not dropped as a deletion would be."""
+    put(db, 'a', theirs=1)
+    S = Session(remote)
+    S['a'] = {'mine': 1}
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    del S['a']
+    S['a'] = {'again': 1}
+    S.flush()
+    assert content(db, 'a') == {'again': 1}
+    assert not S.has_changes() and S['a']['_rev'] == db['a'].rev
+
+
 def test_deleting_a_missing_id_beside_a_lost_answer_writes_no_tombstone(
         db, remote, forwarder):
     """``del S[id]`` of an id the server never had, in a flush whose bulk
