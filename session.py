@@ -3546,10 +3546,8 @@ def _answered(exc):
     if _whole_refusal(exc) is not None or isinstance(exc, TooManyRequests):
         return True
     if isinstance(exc, _HTTPError):
-        return not (isinstance(exc, _ServerError) and exc.args and
-                    isinstance(exc.args[0], tuple) and
-                    isinstance(exc.args[0][0], int) and
-                    exc.args[0][0] >= 500)
+        status = _status_of(exc)
+        return not (isinstance(status, int) and status >= 500)
     return isinstance(exc, ConnectionRefusedError) or (
         isinstance(exc, OSError) and exc.args[:1] == (_errno.ECONNREFUSED,))
 
