@@ -46,6 +46,7 @@ import contextvars as _contextvars
 import errno as _errno
 import hashlib as _hashlib
 import io as _io
+import itertools as _itertools
 import json as _json
 import logging as _logging
 import marshal as _marshal
@@ -459,8 +460,10 @@ class Session(object):
         """The tracked documents with these ids, in order, with ``None`` for
         the missing ones.
 
-        Every id not yet in the session is fetched in one request
-        (``POST _all_docs?include_docs=true``); the others cost nothing.
+        The ids not yet in the session are read with one ``POST
+        _bulk_get`` per 1,000 documents (and one ``GET`` per ``_local/``
+        document); the others cost nothing. A server without ``_bulk_get``
+        is read with ``POST _all_docs?include_docs=true``.
 
         :raise TypeError: if an id is not a string; nothing is read
         """
@@ -470,14 +473,9 @@ class Session(object):
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
-            for row in self._db.view('_all_docs', keys=wanted,
-                                    include_docs=True):
-                if row.get('doc') is not None:
-                    self._track(_Document(row['doc']))
-            # _all_docs does not list _local documents.
-            for id in wanted:
-                if id.startswith('_local/') and id not in self._map.entries:
-                    self.get(id)
+            for _, doc in _read_many(self._db, wanted).values():
+                if doc is not None:
+                    self._track(_Document(doc))
         docs = []
         for id in ids:
             entry = self._map.entries.get(id)
@@ -493,20 +491,45 @@ class Session(object):
         ``S[row.id]``, with any changes made in the session). Rows of
         documents deleted in the session are left out. The request is made
         when the results are first used.
+
+        With ``include_docs=True`` the server sends the rows without their
+        documents, and the documents the session does not hold yet come in
+        one ``POST _bulk_get`` (see `get_many`): two requests, or one when
+        the session holds them all. Asked for ``attachments``,
+        ``conflicts`` or ``att_encoding_info`` too, the server includes the
+        documents itself, in one request.
         """
-        return _ViewResults(self, self._db.view(name, **options), wrapper)
+        docs, options = _docs_apart(options)
+        return _ViewResults(self, name, options, wrapper, docs)
 
     def query(self, map_fun, reduce_fun=None, language='javascript',
               wrapper=None, **options):
         """Run a temporary view (``POST _temp_view``), with rows as in
-        `view`. CouchDB 2 and later have no temporary views."""
+        `view`; the server includes the documents. CouchDB 2 and later have
+        no temporary views."""
         results = self._db.query(map_fun, reduce_fun, language, **options)
-        return _ViewResults(self, results, wrapper)
+        return _ViewResults(self, None, options, wrapper, results=results)
 
     def iterview(self, name, batch, wrapper=None, **options):
-        """Iterate over a view in batches of ``batch`` rows, one request per
-        batch, with rows as in `view`."""
-        for row in self._db.iterview(name, batch, **options):
+        """Iterate over a view in batches of ``batch`` rows, with rows as
+        in `view`: one request per batch, and with ``include_docs=True``
+        one ``POST _bulk_get`` more for the documents of the batch the
+        session does not hold yet."""
+        docs, without = _docs_apart(options)
+        rows = self._db.iterview(name, batch, **without)
+        while docs:
+            # islice(rows, batch) takes a batch without asking for the next.
+            chunk = list(_itertools.islice(rows, max(batch, 1)))
+            if not chunk:
+                return
+            if _reduced(chunk):
+                rows, docs = self._db.iterview(name, batch, **options), False
+                break
+            for row, doc in zip(chunk, self._docs_of_rows(chunk, name)):
+                row = self._row(row, wrapper, doc)
+                if row is not None:
+                    yield row
+        for row in rows:
             row = self._row(row, wrapper)
             if row is not None:
                 yield row
@@ -516,18 +539,34 @@ class Session(object):
         documents it selects.
 
         The selection is the server's; the documents are the session's (with
-        its changes), and those deleted in the session are left out. With
-        ``fields`` in the query the server sends partial documents, which
-        cannot be tracked: they are returned as python-couchdb returns them.
+        its changes), and those deleted in the session are left out. The
+        server sends the ids, and the documents the session does not hold
+        yet come in one ``POST _bulk_get``: two requests, one when it holds
+        them all. With ``fields`` in the query the server sends partial
+        documents, which cannot be tracked: they are returned as
+        python-couchdb returns them (one request; so with ``conflicts``).
         """
-        found = list(self._db.find(mango_query))
-        partial = 'fields' in mango_query
+        held = self._map.entries
+        if 'fields' in mango_query or mango_query.get('conflicts'):
+            found = list(self._db.find(mango_query))
+            partial = 'fields' in mango_query
+        else:
+            query = dict(mango_query, fields=['_id'])
+            ids = [doc['_id'] for doc in self._db.find(query)]
+            fetched = _read_many(self._db, [
+                id for id in dict.fromkeys(ids) if id not in held])
+            found, partial = [], False
+            for id in ids:
+                doc = held[id].doc if id in held else \
+                    fetched.get(id, (None, None))[1]
+                if doc is not None:     # else deleted since it was found
+                    found.append(doc if id in held else _Document(doc))
         for doc in found:
-            entry = self._map.entries.get(doc.get('_id'))
+            entry = held.get(doc.get('_id'))
             if entry is not None and entry.state is _DELETED:
                 continue
             if not partial:
-                doc = self._track(doc)
+                doc = self._track(doc) if entry is None else entry.doc
             yield wrapper(doc) if wrapper is not None else doc
 
     # Writing (queued until flush).
@@ -1060,16 +1099,38 @@ class Session(object):
                                      'this session' % entry.id))
         return entry
 
-    def _row(self, row, wrapper):
-        """A view row whose ``doc`` is the session's document, or ``None``
-        for the row of a document deleted in the session."""
+    def _row(self, row, wrapper, doc=_MISSING):
+        """A view row whose ``doc`` is the session's document (``doc``, if
+        given: see `_docs_of_rows`), or ``None`` for the row of a document
+        deleted in the session."""
         entry = self._map.entries.get(row.get('id'))
         if entry is not None and entry.state is _DELETED:
             return None
         row = _SessionRow(row)
-        if row.get('doc') is not None:
+        if doc is not _MISSING:
+            if 'error' not in row:
+                row['doc'] = doc
+        elif row.get('doc') is not None:
             row['doc'] = self._track(_Document(row['doc']))
         return wrapper(row) if wrapper is not None else row
+
+    def _docs_of_rows(self, rows, name):
+        """The session's documents of the view rows ``rows`` (of view
+        ``name``), asked for without them: what the server would have
+        included, the documents the session lacks read in one request."""
+        keys = [_doc_key(row, name) for row in rows]
+        held = self._map.entries
+        fetched = _read_many(self._db, [key for key in keys if key is not
+                                        None and _key_id(key) not in held])
+        docs = []
+        for key in keys:
+            entry = None if key is None else held.get(_key_id(key))
+            if entry is not None:
+                docs.append(entry.doc)
+                continue
+            _, doc = fetched.get(key, (None, None))
+            docs.append(None if doc is None else self._track(_Document(doc)))
+        return docs
 
 
 def _id_of(doc_or_id):
@@ -1124,12 +1185,22 @@ def _check_db(db):
 class _ViewResults(object):
     """View results whose rows carry the session's documents; anything else
     (``total_rows``, ``offset``, ``update_seq``, ...) is python-couchdb's
-    `ViewResults`."""
+    `ViewResults`.
 
-    def __init__(self, session, results, wrapper):
+    With ``docs``, the rows are asked for without their documents and the
+    session reads those it lacks (see `Session.view`): ``options`` are the
+    view's options without ``include_docs``.
+    """
+
+    def __init__(self, session, name, options, wrapper, docs=False,
+                 results=None):
         self._session = session
-        self._results = results
+        self._name = name
+        self._options = options
+        self._results = results if results is not None else \
+            session._db.view(name, **options)
         self._wrapper = wrapper
+        self._docs = docs
         self._rows = None
 
     def __repr__(self):
@@ -1143,7 +1214,9 @@ class _ViewResults(object):
     def __getitem__(self, key):
         """Results for a key (``results[key]``) or a key range
         (``results[start:end]``), as python-couchdb offers them."""
-        return _ViewResults(self._session, self._results[key], self._wrapper)
+        results = self._results[key]
+        return _ViewResults(self._session, self._name, results.options,
+                            self._wrapper, self._docs, results)
 
     def __iter__(self):
         return iter(self.rows)
@@ -1155,10 +1228,54 @@ class _ViewResults(object):
     def rows(self):
         """The list of rows (the request is made on first use)."""
         if self._rows is None:
-            rows = (self._session._row(r, self._wrapper)
-                    for r in self._results.rows)
+            session, rows = self._session, self._results.rows
+            if self._docs and _reduced(rows):
+                # The server is to answer include_docs of a reduce.
+                self._results = session._db.view(self._name, **dict(
+                    self._options, include_docs=True))
+                rows, self._docs = self._results.rows, False
+            docs = session._docs_of_rows(rows, self._name) if self._docs \
+                else _itertools.repeat(_MISSING)
+            rows = (session._row(row, self._wrapper, doc)
+                    for row, doc in zip(rows, docs))
             self._rows = [row for row in rows if row is not None]
         return self._rows
+
+
+def _docs_apart(options):
+    """Whether the session reads the documents of a view asked with
+    ``options``, and the options to ask the server with."""
+    if options.get('include_docs') not in (True, 'true') or any(
+            options.get(name) for name in _DOCUMENT_OPTIONS):
+        return False, options
+    options = dict(options)
+    del options['include_docs']
+    return True, options
+
+
+# The view options that change the documents the server includes.
+_DOCUMENT_OPTIONS = ('attachments', 'att_encoding_info', 'conflicts')
+
+
+def _reduced(rows):
+    """Whether ``rows`` are the rows of a reduce (they have no ``id``)."""
+    return any('id' not in row and 'error' not in row for row in rows)
+
+
+def _doc_key(row, name):
+    """What ``include_docs`` would include in view row ``row``, as a key of
+    `_read_many`: the row's document, or the one its value links to
+    (``{"_id": ...}``, at ``"_rev"`` if given); ``None`` for none (a row of
+    ``_all_docs`` for a deleted document or a missing key)."""
+    value = row.get('value')
+    if isinstance(value, dict):
+        if isinstance(value.get('_id'), str):
+            rev = value.get('_rev')
+            return (value['_id'], rev) if isinstance(rev, str) else \
+                value['_id']
+        if name == '_all_docs' and value.get('deleted'):
+            return None
+    return row.get('id')
 
 
 class _SessionRow(_Row):
@@ -1262,6 +1379,136 @@ def _counted_database(db, budget):
     if not isinstance(db, _Database):
         return db
     return _Database(_counted(db.resource, budget), name=db._name)
+
+
+# -- Reads: many documents in few requests ------------------------------------
+
+# The most documents one ``POST _bulk_get`` asks for: the request stays
+# small, and its answer the size of this many documents.
+_READ_BATCH = 1000
+
+# The URLs of the databases whose server has no ``_bulk_get`` (CouchDB 1,
+# a proxy letting only some paths through): they are read through
+# ``_all_docs``, and only the first read of each asks.
+_NO_BULK_GET = set()
+
+
+def _read_many(db, keys, tombstones=False):
+    """The server's versions of the documents ``keys`` name, as ``{key:
+    (rev, document, or None if deleted)}``: a key is an id (the current
+    version) or an ``(id, rev)`` pair (that revision); a key the server
+    has nothing for is left out.
+
+    One ``POST _bulk_get`` per `_READ_BATCH` documents, one ``GET`` per
+    ``_local/`` document (`_bulk_get` does not read those), and with
+    ``tombstones`` one ``POST _all_docs`` for the documents PouchDB Server
+    answers without a trace: it gives a deleted document like a missing
+    one, an empty object, where CouchDB gives the deleted revision. A
+    server without ``_bulk_get`` (404, 405 or 400 for the path) is read
+    with ``POST _all_docs?include_docs=true`` instead, and ``GET ?rev=``
+    for each ``(id, rev)``, for as long as the process runs.
+    """
+    found = {}
+    keys = list(dict.fromkeys(keys))
+    local = [key for key in keys if _key_id(key).startswith('_local/')]
+    for key in local:
+        doc = db.get(key[0], rev=key[1]) if isinstance(key, tuple) else \
+            db.get(key)
+        if doc is not None:
+            found[key] = (doc['_rev'], doc)
+    keys = [key for key in keys if not _key_id(key).startswith('_local/')]
+    url = db.resource.url
+    batches = _distinct_batches(keys)
+    for number, batch in enumerate(batches):
+        if url in _NO_BULK_GET:
+            found.update(_read_without_bulk_get(db, batch))
+            continue
+        try:
+            found.update(_bulk_get(db, batch, tombstones))
+        except _HTTPError as exc:
+            if number or _status_of(exc) not in (400, 404, 405):
+                raise
+            # Remembered only once the other way worked: a 404 may as well
+            # say the database is missing.
+            found.update(_read_without_bulk_get(db, batch))
+            _NO_BULK_GET.add(url)
+    return found
+
+
+def _key_id(key):
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _distinct_batches(keys):
+    """``keys`` in batches of at most `_READ_BATCH`, none naming one id
+    twice: PouchDB Server answers a ``_bulk_get`` asking for an id twice
+    with one result for both."""
+    batches = []
+    for key in keys:
+        for batch, ids in batches:
+            if len(batch) < _READ_BATCH and _key_id(key) not in ids:
+                break
+        else:
+            batch, ids = [], set()
+            batches.append((batch, ids))
+        batch.append(key)
+        ids.add(_key_id(key))
+    return [batch for batch, _ in batches]
+
+
+def _bulk_get(db, keys, tombstones):
+    """`_read_many` of ``keys`` (of distinct ids) through one ``POST
+    _bulk_get``; see there."""
+    _, _, answer = db.resource.post_json('_bulk_get', body={'docs': [
+        {'id': key[0], 'rev': key[1]} if isinstance(key, tuple) else
+        {'id': key} for key in keys]})
+    results = dict((result.get('id'), result.get('docs') or [])
+                   for result in answer.get('results') or [])
+    found, traceless = {}, []
+    for key in keys:
+        # Asked without a revision, CouchDB gives every leaf revision (all
+        # the branches of a conflict): the current one is the winner a
+        # GET would give. PouchDB Server gives the winner alone.
+        leaves = [doc['ok'] for doc in results.get(_key_id(key), ())
+                  if isinstance(doc.get('ok'), dict)]
+        if leaves:
+            doc = max(leaves, key=_winning)
+            found[key] = (doc['_rev'], None if doc.get('_deleted') else doc)
+        elif not isinstance(key, tuple) and not any(
+                'error' in doc or 'missing' in doc
+                for doc in results.get(key, ())):
+            traceless.append(key)
+    if tombstones and traceless:
+        for row in _all_docs(db, traceless):
+            if 'error' not in row:
+                found[row['id']] = (row['value']['rev'], None)
+    return found
+
+
+def _winning(doc):
+    """The order in which CouchDB picks the current revision of a document
+    among its leaves: a live one before a deleted one, then the longest
+    history, then the greatest revision hash."""
+    generation, _, digest = doc['_rev'].partition('-')
+    return not doc.get('_deleted'), int(generation), digest
+
+
+def _read_without_bulk_get(db, keys):
+    """`_read_many` of ``keys`` where the server has no ``_bulk_get``."""
+    found = {}
+    ids = [key for key in keys if not isinstance(key, tuple)]
+    for row in _all_docs(db, ids, include_docs=True) if ids else ():
+        if 'error' not in row:
+            deleted = row['value'].get('deleted')
+            found[row['id']] = (row['value']['rev'],
+                                None if deleted else row['doc'])
+    for key in keys:
+        if isinstance(key, tuple):
+            doc = db.get(key[0], rev=key[1])
+            if doc is not None:
+                found[key] = (doc['_rev'], None if doc.get('_deleted')
+                              else doc)
+    return found
 
 
 # -- Web requests -------------------------------------------------------------
@@ -3231,7 +3478,8 @@ class _Flush(object):
         ``GET`` for each ``_local/`` document: see `_all_docs`). A document
         created by a write whose answer was lost, then deleted, is deleted
         only if the server holds what that write sent: anything else there
-        is another writer's, a conflict for `settle`."""
+        is another writer's, a conflict for `settle`. Telling needs the
+        documents: then they are read as `_read_many` reads."""
         ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
         if not ids:
             return
@@ -3239,20 +3487,24 @@ class _Flush(object):
         # only what the session wrote.
         unsure = set(id for id in ids if plan.entry(id).sent is not None and
                      plan.entry(id).state is _DELETED)
+        if unsure:
+            current = _read_many(self.session._db, ids, tombstones=True)
+        else:
+            current = dict((row['id'], (row['value']['rev'], row['value']))
+                           for row in _all_docs(self.session._db, ids)
+                           if 'error' not in row and
+                           not row['value'].get('deleted'))
         revs = {}
-        for row in _all_docs(self.session._db, ids, include_docs=bool(unsure)):
-            value = row.get('value') or {}
-            if 'error' in row or value.get('deleted'):
-                continue
-            id = row['id']
-            if id in unsure and not _same_write(plan.entry(id).sent,
-                                                row['doc']):
+        for id, (rev, doc) in current.items():
+            if doc is None:
+                continue            # deleted
+            if id in unsure and not _same_write(plan.entry(id).sent, doc):
                 self.record(id, _ResourceConflict(
                     ('conflict', 'the server holds a document this session '
                      'did not write')))
                 payloads[:] = [p for p in payloads if p['_id'] != id]
                 continue
-            revs[id] = value['rev']
+            revs[id] = rev
         for payload in payloads:
             if payload.get('_rev') is not _LOOKUP:
                 continue
@@ -3338,18 +3590,10 @@ class _Flush(object):
 
     def current(self, ids):
         """``{id: (rev, document or None if deleted)}`` of the server's
-        current versions, in one ``POST _all_docs?include_docs=true`` (and
-        one ``GET`` for each ``_local/`` document: see `_all_docs`); an id
-        the server never had is left out, and so is a deleted ``_local/``
-        document, which leaves no tombstone."""
-        current = {}
-        for row in _all_docs(self.session._db, ids, include_docs=True):
-            if 'error' in row:
-                continue
-            deleted = row['value'].get('deleted')
-            current[row['id']] = (row['value']['rev'],
-                                  None if deleted else row['doc'])
-        return current
+        current versions, read as `_read_many` reads; an id the server
+        never had is left out, and so is a deleted ``_local/`` document,
+        which leaves no tombstone."""
+        return _read_many(self.session._db, ids, tombstones=True)
 
     def resolve(self, plan, ids):
         """Settle the conflicts of ``ids`` with one read: record in

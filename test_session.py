@@ -46,7 +46,7 @@ import urllib.error
 import urllib.request
 import uuid
 import wsgiref.simple_server
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import couchdb
 import couchdb.http
@@ -67,8 +67,10 @@ from tools.localserver import temporary_database
 
 # -- Fixtures and helpers -----------------------------------------------------
 
-class Request(collections.namedtuple('Request', 'method path body')):
-    """One HTTP request: method, path and body.
+class Request(collections.namedtuple('Request', 'method path body query',
+                                     defaults=(None,))):
+    """One HTTP request: method, path, body and query (``{name: value}``,
+    the values as sent).
 
     The path is relative to the database ('' for the database itself; the
     path of a request elsewhere stays whole). A JSON body is a snapshot
@@ -101,7 +103,8 @@ class Wire(list):
                 pass                # not JSON: python-couchdb refuses it
         elif isinstance(body, bytes) and path == '_bulk_docs':
             body = json.loads(body)     # the session encodes it itself
-        self.append(Request(method, path, body))
+        query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+        self.append(Request(method, path, body, query))
 
     def calls(self):
         """``(method, path)`` of each request."""
@@ -251,15 +254,16 @@ def test_get_with_options_reads_the_server_and_leaves_the_cache(db, wire):
 
 
 def test_get_many_fetches_missing_ids_in_one_request(db, wire):
-    """get_many: one POST _all_docs for the ids not cached, in order."""
+    """get_many: one POST _bulk_get for the ids not cached, in order."""
     for id in 'abc':
         put(db, id, name=id)
     S = Session(db)
     a = S['a']
     wire.clear()
     docs = S.get_many(['b', 'a', 'nope', 'c', 'b'])
-    assert wire.calls() == [('POST', '_all_docs')]
-    assert wire[0].body == {'keys': ['b', 'nope', 'c']}
+    assert wire.calls() == [('POST', '_bulk_get')]
+    assert wire[0].body == {'docs': [{'id': 'b'}, {'id': 'nope'},
+                                     {'id': 'c'}]}
     assert docs[1] is a and docs[0] is docs[4] is S['b']
     assert docs[2] is None
     assert [d['name'] for d in (docs[0], docs[3])] == ['b', 'c']
@@ -682,6 +686,254 @@ def test_find_yields_tracked_documents(db):
     assert found == [a] and found[0] is a
     partial = list(S.find({'selector': {'type': 'q'}, 'fields': ['n']}))
     assert partial == [{'n': 3}]
+
+
+# -- Reads: through _bulk_get, only what the session lacks --------------------
+
+def leaf(db, id, rev, **content):
+    """Give document ``id`` one more leaf revision ``rev`` holding
+    ``content``, as replication between writers that were apart leaves
+    it (``new_edits=false``)."""
+    db.update([dict(content, _id=id, _rev=rev)], new_edits=False)
+    assert db.get(id, rev=rev) is not None
+
+
+WINNING, LOSING = '1-' + 'f' * 32, '1-' + '0' * 32
+
+
+def test_get_many_reads_what_a_get_reads(db, wire):
+    """get_many through _bulk_get gives each document as a GET gives it:
+    a document with conflicting leaves is its winner, whichever leaf
+    that is; a deleted or missing one is None; a _local one is read with a
+    GET of its own."""
+    put(db, 'plain', v=1)
+    put(db, 'wins', v=1)
+    leaf(db, 'wins', WINNING, v='replicated')
+    put(db, 'loses', v=1)
+    leaf(db, 'loses', LOSING, v='replicated')
+    db.delete(put(db, 'gone', v=1))
+    db['_local/x'] = {'v': 'local'}
+    ids = ['plain', 'wins', 'loses', 'gone', 'missing', '_local/x']
+    S = Session(db)
+    wire.clear()
+    docs = S.get_many(ids)
+    assert sorted(wire.calls()) == [('GET', '_local/x'),
+                                    ('POST', '_bulk_get')]
+    expected = [db.get(id) for id in ids]
+    assert [None if d is None else session.plain(d) for d in docs] == \
+        [None if d is None else dict(d) for d in expected]
+    assert docs[1]['v'] == 'replicated' and docs[2]['v'] == 1
+    assert [S.get(id) for id in ids] == docs
+
+
+def test_get_many_reads_in_batches(db, wire, monkeypatch):
+    """Ids past the batch size (1,000 documents) go in further requests,
+    each asking only for its own documents."""
+    monkeypatch.setattr(session, '_READ_BATCH', 2)
+    for id in 'abcde':
+        put(db, id, name=id)
+    S = Session(db)
+    wire.clear()
+    docs = S.get_many('edcba')
+    assert [doc['name'] for doc in docs] == list('edcba')
+    assert wire.calls() == [('POST', '_bulk_get')] * 3
+    assert [[d['id'] for d in r.body['docs']] for r in wire] == \
+        [['e', 'd'], ['c', 'b'], ['a']]
+
+
+@pytest.mark.parametrize('status', [400, 404, 405])
+def test_a_server_without_bulk_get_is_read_through_all_docs(
+        db, server_url, forwarder, status):
+    """Where the server answers _bulk_get with 400, 404 or 405 (CouchDB 1,
+    a proxy letting only some paths through), reads go through _all_docs
+    and give the same documents; only the first read asks."""
+    for id in 'abc':
+        put(db, id, name=id)
+    db.delete(put(db, 'gone', v=1))
+    forwarder.fail('reply', when=lambda method, path: path.endswith(
+        '/_bulk_get'), reply=lambda body: (status, {
+            'error': 'not_found', 'reason': 'missing'}))
+    S = Session(through(forwarder, db, server_url))
+    docs = S.get_many(['a', 'gone', 'nope', 'b'])
+    assert [d and d['name'] for d in docs] == ['a', None, None, 'b']
+    # Another session on the database, and its conflict read, do not ask.
+    S = Session(through(forwarder, db, server_url), on_conflict='overwrite')
+    S['c']['name'] = 'mine'
+    change(db, 'c', name='theirs')
+    S.flush()
+    assert content(db, 'c') == {'name': 'mine'}
+    assert [(method, path.rpartition('/')[2], action) for method, path,
+            action in forwarder.log] == [
+        ('POST', '_bulk_get', 'reply'), ('POST', '_all_docs', 'pass'),
+        ('GET', 'c', 'pass'), ('POST', '_bulk_docs', 'pass'),
+        ('POST', '_all_docs', 'pass'), ('POST', '_bulk_docs', 'pass')]
+
+
+def test_a_missing_database_is_no_server_without_bulk_get(server_url, wire):
+    """A 404 for a database that does not exist is not taken for a server
+    without _bulk_get: once the database exists, reads use _bulk_get."""
+    server = couchdb.Server(server_url)
+    name = 'test_session_%s' % uuid.uuid4().hex
+    with pytest.raises(couchdb.ResourceNotFound):
+        Session(couchdb.Database(server_url + name)).get_many(['a'])
+    server.create(name)
+    try:
+        wire.prefix = '/' + name
+        wire.clear()
+        assert Session(couchdb.Database(server_url + name)).get_many(
+            ['a']) == [None]
+        assert wire.calls() == [('POST', '_bulk_get')]
+    finally:
+        del server[name]
+
+
+def test_view_with_docs_reads_only_the_documents_the_session_lacks(
+        db, design, wire):
+    """view(include_docs=True): the server sends the rows alone and the
+    session reads the documents it does not hold in one _bulk_get; rows
+    of held documents carry the session's objects. Once it holds them
+    all, a view costs one request."""
+    for n in range(4):
+        put(db, 'n%d' % n, type='note', n=n)
+    S = Session(db)
+    held = S['n1']
+    held['n'] = 100
+    wire.clear()
+    rows = list(S.view('d/by_type', include_docs=True))
+    assert wire.calls() == [('GET', '_design/d/_view/by_type'),
+                            ('POST', '_bulk_get')]
+    assert 'include_docs' not in wire[0].query
+    assert wire[1].body == {'docs': [{'id': 'n0'}, {'id': 'n2'},
+                                     {'id': 'n3'}]}
+    assert rows[1].doc is held and rows[1].doc['n'] == 100
+    assert all(row.doc is S[row.id] for row in rows)
+    assert [session.plain(row.doc) for row in rows if row.id != 'n1'] == [
+        dict(db[id]) for id in ('n0', 'n2', 'n3')]
+    wire.clear()
+    again = S.view('d/by_type', include_docs=True)
+    assert [row.doc for row in again] == [row.doc for row in rows]
+    assert wire.calls() == [('GET', '_design/d/_view/by_type')]
+
+
+@pytest.fixture
+def linking(db):
+    """A view whose values link to other documents (``{"_id": ...}``)."""
+    db['_design/links'] = {'views': {'to': {'map': '''function (doc) {
+        if (doc.link) emit(doc._id, {_id: doc.link});
+        if (doc.old) emit(doc._id, {_id: doc.old[0], _rev: doc.old[1]});
+    }'''}}}
+
+
+def test_view_with_docs_gives_the_rows_the_server_would_give(
+        db, linking, wire):
+    """The rows and documents are those of python-couchdb's
+    include_docs=True: a linked document, None for a link to a deleted or
+    missing one; in _all_docs with keys, None for a deleted document and
+    an error row for a missing key."""
+    put(db, 'target', v='t')
+    db.delete(put(db, 'gone', v='g'))
+    put(db, 'l1', link='target')
+    put(db, 'l2', link='gone')
+    put(db, 'l3', link='nowhere')
+    S = Session(db)
+    for name, options in (('links/to', {}),
+                          ('_all_docs', {'keys': ['l1', 'gone', 'nope']})):
+        mine = list(S.view(name, include_docs=True, **options))
+        theirs = list(db.view(name, include_docs=True, **options))
+        assert [(r.get('id'), r.key, r.value, r.get('error'))
+                for r in mine] == [(r.get('id'), r.key, r.value,
+                                    r.get('error')) for r in theirs]
+        assert [r.doc and session.plain(r.doc) for r in mine] == \
+            [r.doc and dict(r.doc) for r in theirs]
+    [row] = S.view('links/to', include_docs=True, key='l1')
+    assert row.doc is S['target']
+
+
+def test_view_with_docs_reads_the_revision_a_link_names(db, linking):
+    """A value {"_id": id, "_rev": rev} includes that revision (CouchDB's
+    rule) when the session does not hold the document; one it holds is
+    the session's."""
+    first = put(db, 'target', v=1)
+    change(db, 'target', v=2)
+    put(db, 'l', old=['target', first.rev])
+    [row] = Session(db).view('links/to', include_docs=True)
+    assert row.doc['v'] == 1 and row.doc.rev == first.rev
+    S = Session(db)
+    held = S['target']
+    [row] = S.view('links/to', include_docs=True)
+    assert row.doc is held
+
+
+def test_view_options_that_shape_documents_leave_them_to_the_server(
+        db, design, wire):
+    """With conflicts, attachments or att_encoding_info the server
+    includes the documents itself: one request."""
+    put(db, 'a', type='t', n=1)
+    leaf(db, 'a', LOSING, type='t', n=0)
+    S = Session(db)
+    wire.clear()
+    [row] = S.view('d/by_type', include_docs=True, conflicts=True)
+    assert wire.calls() == [('GET', '_design/d/_view/by_type')]
+    assert wire[0].query['include_docs'] == 'true'
+    assert row.doc is S['a']
+
+
+def test_view_with_docs_of_a_reduce_answers_as_the_server_does(db):
+    """include_docs on a reduce is the server's to refuse: the session
+    asks as it was told, and gives what python-couchdb gives."""
+    db['_design/r'] = {'views': {'sum': {
+        'map': 'function (doc) { emit(doc._id, 1); }', 'reduce': '_sum'}}}
+    put(db, 'a', v=1)
+
+    def outcome(view):
+        try:
+            return [dict(row) for row in view('r/sum', include_docs=True)]
+        except couchdb.HTTPError as exc:
+            return type(exc)
+    assert outcome(Session(db).view) == outcome(db.view)
+
+
+def test_iterview_with_docs_reads_each_batchs_missing_documents(db, wire):
+    """iterview(include_docs=True): per batch, one request for the rows and
+    one _bulk_get for the documents of the batch the session lacks."""
+    for n in range(7):
+        put(db, 'n%d' % n, n=n)
+    S = Session(db)
+    held = S['n1']
+    wire.clear()
+    rows = list(S.iterview('_all_docs', 3, include_docs=True))
+    assert [r.id for r in rows] == ['n%d' % n for n in range(7)]
+    assert rows[1].doc is held
+    assert all(r.doc is S[r.id] and r.doc['n'] == n
+               for n, r in enumerate(rows))
+    assert wire.calls() == [('GET', '_all_docs'), ('POST', '_bulk_get')] * 3
+    assert [[d['id'] for d in r.body['docs']] for r in wire
+            if r.path == '_bulk_get'] == [['n0', 'n2'], ['n3', 'n4', 'n5'],
+                                          ['n6']]
+    assert all('include_docs' not in r.query for r in wire
+               if r.path == '_all_docs')
+
+
+def test_find_reads_only_the_documents_the_session_lacks(db, wire):
+    """find(): the server sends the ids, the session reads the documents
+    it does not hold in one _bulk_get; one request when it holds them."""
+    for id, n in (('a', 1), ('b', 2), ('c', 3)):
+        put(db, id, type='p', n=n)
+    S = Session(db)
+    a = S['a']
+    wire.clear()
+    try:
+        found = list(S.find({'selector': {'type': 'p'}, 'sort': ['_id']}))
+    except (couchdb.ResourceNotFound, couchdb.ServerError) as exc:
+        pytest.skip('no _find on this server: %s' % (exc,))
+    assert found[0] is a and [d['n'] for d in found] == [1, 2, 3]
+    assert wire.calls() == [('POST', '_find'), ('POST', '_bulk_get')]
+    assert wire[0].body['fields'] == ['_id']
+    assert wire[1].body == {'docs': [{'id': 'b'}, {'id': 'c'}]}
+    wire.clear()
+    assert list(S.find({'selector': {'type': 'p'}, 'sort': ['_id']})) == \
+        found
+    assert wire.calls() == [('POST', '_find')]
 
 
 # -- Change tracking ----------------------------------------------------------
@@ -1747,22 +1999,30 @@ def test_benchmark_smoke_run(server_url, capsys):
     bench.main(['--smoke', '--url', server_url])
     out = capsys.readouterr().out
     for title in ('1. edit', '2. mixed', '3. idle-cache', '4. read',
-                  '5. memory'):
+                  '5. memory', '6. read', '7. edit', '8. view'):
         assert title in out
 
 
-def test_benchmark_session_requests_match_the_hand_written_floor(server):
-    """On the edit and mixed workloads the session makes exactly as many
-    requests as hand-written bulk code, however often it reads an id."""
+def test_benchmark_session_requests_are_as_few_as_the_floors(server):
+    """On the benchmark's workloads the session makes as many requests as
+    hand-written bulk code, however often it reads an id, and one more
+    where it reads a view's documents apart from its rows."""
     bench = load_benchmark()
     meter = bench.Meter()
     try:
-        for workload in (lambda db: bench.edit_workload(db, meter, 30, 1),
-                         lambda db: bench.mixed_workload(db, meter, 1)):
+        for workload, more in (
+                (lambda db: bench.edit_workload(db, meter, 30, 1), 1),
+                (lambda db: bench.mixed_workload(db, meter, 1), 0),
+                (lambda db: bench.read_by_id_workload(db, meter, 30, 1), 0),
+                (lambda db: bench.edit_by_id_workload(db, meter, 30, 1), 0),
+                (lambda db: bench.held_view_workload(db, meter, 30, 1), 1)):
             with temporary_database(server) as db:
-                requests = dict((row[0], row[1]) for row in workload(db))
-            assert requests['session'] == requests['floor'] == 2
-            assert requests['naive'] > 30
+                rows = dict((row[0], row) for row in workload(db))
+            assert rows['session'].requests == rows['floor'].requests + more
+            assert rows['floor'].requests <= 2
+            if 'naive' in rows:
+                assert rows['naive'].requests > 30
+            assert 0 < rows['session'].received
     finally:
         meter.close()
 
@@ -3308,7 +3568,7 @@ def test_overwrite_writes_the_sessions_version_over_theirs(db, wire):
     change(db, 'a', v='theirs', extra=True)
     wire.clear()
     [(ok, id, rev)] = S.flush(on_conflict='overwrite')
-    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_all_docs'),
+    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_bulk_get'),
                             ('POST', '_bulk_docs')]
     assert (ok, id) == (True, 'a')
     assert content(db, 'a') == {'v': 'mine', 'keep': 1}
@@ -3401,7 +3661,7 @@ def test_merge_of_disjoint_changes_is_written_on_their_revision(db, wire):
                     added='theirs')
     wire.clear()
     S.flush(on_conflict='merge')
-    [_, _, resend] = [body for _, _, body in wire]
+    [_, _, resend] = [request.body for request in wire]
     assert resend['docs'][0]['_rev'] == theirs.rev
     merged = {'x': 'mine', 'y': 'theirs', 'added': 'theirs',
               'nested': {'p': 'mine', 'q': 'theirs'}}
@@ -3634,7 +3894,7 @@ def test_resolution_costs_one_read_and_one_write_for_all(db, wire, policy,
         change(db, 'd%d' % n, w='theirs')
     wire.clear()
     S.flush(on_conflict=policy)
-    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_all_docs'),
+    assert wire.calls() == [('POST', '_bulk_docs'), ('POST', '_bulk_get'),
                             ('POST', '_bulk_docs')]
     assert len(wire.bulk_ids()[1]) == conflicted
     for n in range(8):
@@ -4102,7 +4362,7 @@ def test_connection_failure_while_resolving_loses_nothing(
     S['b']['v'] = 'mine'
     change(db, 'b', w='theirs')
     forwarder.fail('cut_before', times=2, when=lambda method, path:
-                   path.endswith('/_all_docs'))
+                   path.endswith('/_bulk_get'))
     with pytest.raises(OSError):
         S.flush()
     assert content(db, 'a') == {'v': 'mine', 'w': 0}

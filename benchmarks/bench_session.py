@@ -27,12 +27,24 @@ Workloads:
    against the same reads on plain dicts.
 5. memory: the memory a session holding N documents keeps, against the
    same documents held as plain dicts (tracemalloc).
+6. read by id: N documents by id, ``S.get_many(ids)`` against
+   ``_all_docs?include_docs=true`` with ``keys``.
+7. edit by id: workload 1 with the documents read by id (``get_many``
+   against ``_all_docs`` with ``keys``).
+8. view with documents: a view with ``include_docs=True`` over N documents
+   of which the session holds three quarters already, against the same view
+   through python-couchdb.
+
+Besides wall time, each way's client CPU time (``time.process_time``) and
+the bytes it received are shown; workloads 1 and 7 also give the ratio of
+client CPU time, session / floor.
 """
 
 import argparse
 import collections
 import gc
 import os
+import socket
 import statistics
 import sys
 import time
@@ -52,12 +64,14 @@ from tools.localserver import running_server, temporary_database  # noqa
 # -- Measuring ----------------------------------------------------------------
 
 class Meter(object):
-    """Counts python-couchdb's HTTP requests and the time spent in them."""
+    """Counts python-couchdb's HTTP requests, the time spent in them and
+    the bytes received (from every socket of the process: the server runs
+    in another)."""
 
     def __init__(self):
-        self.requests = 0
-        self.http_seconds = 0.0
+        self.reset()
         original = self.original = couchdb.http.Session.request
+        received = self.received_into = socket.socket.recv_into
         meter = self
 
         def request(self, *args, **kwargs):
@@ -68,21 +82,30 @@ class Meter(object):
             finally:
                 meter.http_seconds += time.perf_counter() - start
 
+        def recv_into(self, *args, **kwargs):
+            count = received(self, *args, **kwargs)
+            meter.bytes += count
+            return count
+
         couchdb.http.Session.request = request
+        socket.socket.recv_into = recv_into
 
     def reset(self):
         self.requests = 0
         self.http_seconds = 0.0
+        self.bytes = 0
 
     def close(self):
         couchdb.http.Session.request = self.original
+        socket.socket.recv_into = self.received_into
 
 
-# What `compare` measured of one way: the requests of its last run, the
-# median wall and HTTP seconds, and the wall and HTTP seconds of each run,
-# in the order of the runs (run i of every way was made in the same turn).
+# What `compare` measured of one way: the requests and bytes received of
+# its last run, the median wall and HTTP seconds, and the wall, HTTP and
+# client CPU seconds of each run, in the order of the runs (run i of every
+# way was made in the same turn).
 Result = collections.namedtuple(
-    'Result', 'name requests seconds http runs http_runs')
+    'Result', 'name requests received seconds http runs http_runs cpu_runs')
 
 
 def measure(meter, runs, setup, work):
@@ -94,21 +117,23 @@ def compare(meter, runs, setup, ways):
     """Run each of ``ways`` (``(name, work)``) as ``work(setup())``, in
     turn, ``runs`` times (taking turns keeps a slow drift of the server from
     favouring one way); return a `Result` for each."""
-    times = dict((name, ([], [])) for name, _ in ways)
-    requests = {}
+    times = dict((name, ([], [], [])) for name, _ in ways)
+    requests, received = {}, {}
     for _ in range(runs):
         for name, work in ways:
             state = setup()
             gc.collect()
             meter.reset()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             work(state)
             times[name][0].append(time.perf_counter() - start)
             times[name][1].append(meter.http_seconds)
-            requests[name] = meter.requests
-    return [Result(name, requests[name], statistics.median(times[name][0]),
-                   statistics.median(times[name][1]), times[name][0],
-                   times[name][1]) for name, _ in ways]
+            times[name][2].append(time.process_time() - cpu)
+            requests[name], received[name] = meter.requests, meter.bytes
+    return [Result(name, requests[name], received[name],
+                   statistics.median(times[name][0]),
+                   statistics.median(times[name][1]), *times[name])
+            for name, _ in ways]
 
 
 def spread(values, digits):
@@ -285,6 +310,68 @@ def read_workload(db, meter, size, runs):
         ('session', lambda _: walk(tracked)), ('plain', lambda _: walk(plain))])
 
 
+def read_by_id_workload(db, meter, size, runs):
+    ids = fill(db, size)
+
+    def by_session(_):
+        session.Session(db).get_many(ids)
+
+    def by_floor(_):
+        [row.doc for row in db.view('_all_docs', keys=ids,
+                                    include_docs=True)]
+
+    return compare(meter, runs, lambda: None,
+                   [('session', by_session), ('floor', by_floor)])
+
+
+def edit_by_id_workload(db, meter, size, runs):
+    ids = fill(db, size)
+    counter = iter(range(10 ** 9))
+
+    def by_session(_):
+        mark = next(counter)
+        S = session.Session(db)
+        for doc in S.get_many(ids):
+            doc['address']['city'] = 'city %d' % mark
+        S.flush()
+
+    def by_floor(_):
+        mark = next(counter)
+        docs = [row.doc for row in db.view('_all_docs', keys=ids,
+                                           include_docs=True)]
+        for doc in docs:
+            doc['address']['city'] = 'city %d' % mark
+        db.update(docs)
+
+    return compare(meter, runs, lambda: None,
+                   [('session', by_session), ('floor', by_floor)])
+
+
+def held_view_workload(db, meter, size, runs):
+    ids = fill(db, size)
+    db.save({'_id': '_design/people', 'views': {'by_name': {
+        'map': 'function (doc) { if (doc.type === "person") '
+               '{ emit(doc.name, null); } }'}}})
+    len(db.view('people/by_name', limit=1))     # build the index
+    held = ids[:size * 3 // 4]
+
+    def setup():
+        S = session.Session(db)
+        S.get_many(held)
+        return S
+
+    def by_session(S):
+        for row in S.view('people/by_name', include_docs=True):
+            row.doc['name']
+
+    def by_floor(_):
+        for row in db.view('people/by_name', include_docs=True):
+            row.doc['name']
+
+    return compare(meter, runs, setup,
+                   [('session', by_session), ('floor', by_floor)])
+
+
 def memory_workload(db, size):
     ids = fill(db, size)
 
@@ -320,16 +407,28 @@ def report(title, rows, baseline):
     the median time spent outside HTTP requests (python-couchdb's JSON
     encoding and decoding counts as HTTP)."""
     print('\n%s' % title)
-    print('  %-8s %8s %8s %-15s %5s %-11s %7s %7s' % (
+    print('  %-8s %8s %8s %-15s %5s %-11s %7s %7s %7s %9s' % (
         'way', 'requests', 'median s', 'min-max s', 'ratio', 'min-max',
-        'own s', 'HTTP s'))
+        'own s', 'HTTP s', 'CPU s', 'KB recv'))
     base = dict((row.name, row) for row in rows)[baseline]
     for row in rows:
         ratios = paired_ratios(row.runs, base.runs) or [0]
-        print('  %-8s %8d %8.4f %-15s %5.2f %-11s %7.4f %7.4f' % (
-            row.name, row.requests, row.seconds, spread(row.runs, 4),
-            row.seconds / base.seconds if base.seconds else 0,
-            spread(ratios, 2), row.seconds - row.http, row.http))
+        print('  %-8s %8d %8.4f %-15s %5.2f %-11s %7.4f %7.4f %7.4f %9.1f'
+              % (row.name, row.requests, row.seconds, spread(row.runs, 4),
+                 row.seconds / base.seconds if base.seconds else 0,
+                 spread(ratios, 2), row.seconds - row.http, row.http,
+                 statistics.median(row.cpu_runs), row.received / 1e3))
+
+
+def report_cpu(rows, baseline):
+    """Print the ratio of client CPU time of the session to ``baseline``'s,
+    with the spread of paired runs."""
+    ways = dict((row.name, row) for row in rows)
+    mine, base = ways['session'].cpu_runs, ways[baseline].cpu_runs
+    ratios = paired_ratios(mine, base) or [0]
+    print('  client CPU session / %s: %.2f (min-max of paired runs %s)' % (
+        baseline, statistics.median(mine) / statistics.median(base)
+        if statistics.median(base) else 0, spread(ratios, 2)))
 
 
 def main(argv=None):
@@ -365,8 +464,9 @@ def run(args, url):
           % (server, args.runs))
     try:
         with temporary_database(url) as db:
-            report('1. edit %d documents' % args.edit,
-                   edit_workload(db, meter, args.edit, args.runs), 'floor')
+            rows = edit_workload(db, meter, args.edit, args.runs)
+            report('1. edit %d documents' % args.edit, rows, 'floor')
+            report_cpu(rows, 'floor')
         with temporary_database(url) as db:
             report('2. mixed request (read 50, change 10, create 5, '
                    'delete 2)', mixed_workload(db, meter, args.runs), 'floor')
@@ -397,6 +497,20 @@ def run(args, url):
                     name, current / 1e6, peak / 1e6))
             print('  ratio session / plain: %.2f held, %.2f peak' % (
                 rows[0][1] / rows[1][1], rows[0][2] / rows[1][2]))
+        with temporary_database(url) as db:
+            report('6. read %d documents by id' % args.edit,
+                   read_by_id_workload(db, meter, args.edit, args.runs),
+                   'floor')
+        with temporary_database(url) as db:
+            rows = edit_by_id_workload(db, meter, args.edit, args.runs)
+            report('7. edit %d documents read by id' % args.edit, rows,
+                   'floor')
+            report_cpu(rows, 'floor')
+        with temporary_database(url) as db:
+            report('8. view with include_docs over %d documents, 3/4 of '
+                   'them held' % args.edit,
+                   held_view_workload(db, meter, args.edit, args.runs),
+                   'floor')
     finally:
         meter.close()
 
