@@ -1472,7 +1472,7 @@ def _bulk_get(db, keys, tombstones):
         leaves = [doc['ok'] for doc in results.get(_key_id(key), ())
                   if isinstance(doc.get('ok'), dict)]
         if leaves:
-            doc = max(leaves, key=_winning)
+            doc = leaves[0] if len(leaves) == 1 else max(leaves, key=_winning)
             found[key] = (doc['_rev'], None if doc.get('_deleted') else doc)
         elif not isinstance(key, tuple) and not any(
                 'error' in doc or 'missing' in doc
@@ -3201,8 +3201,9 @@ class _Flush(object):
             try:
                 self.write(self.plan)
             finally:
-                self.report(self.plan.only(
-                    lambda key: key[0] in self.wrote))
+                if session._hooked('post'):
+                    self.report(self.plan.only(
+                        lambda key: key[0] in self.wrote))
             for id, outcome in self.outcomes.items():
                 if isinstance(outcome, Exception):
                     if id in self.wrote:
@@ -4388,11 +4389,21 @@ def _deep_same(a, b, loose_numbers, memo=None):
 
 def _pointer(path):
     """The JSON Pointer (RFC 6901) of a path."""
-    keys = []
+    pointer = ''
     while path is not None:
         path, key = path
-        keys.append('/' + _escape(key))
-    return ''.join(reversed(keys))
+        token = _TOKENS.get(key) if type(key) is str else None
+        if token is None:
+            token = '/' + _escape(key)
+            if type(key) is str and len(_TOKENS) < 10000:
+                _TOKENS[key] = token
+        pointer = token + pointer
+    return pointer
+
+
+# The reference tokens of the keys met in pointers: documents of a kind
+# share their keys.
+_TOKENS = {}
 
 
 # The diffs of whole documents start at `_diff_dict` (against a whole
