@@ -1931,10 +1931,14 @@ class _TrackedDict(_Tracked):
         return reversed(_subject_of(self))
 
     def items(self):
-        return _ItemsView(self)
+        view = _new(_ItemsView)
+        _set_mapping(view, self)    # as the view's __init__, without a call
+        return view
 
     def values(self):
-        return _ValuesView(self)
+        view = _new(_ValuesView)
+        _set_mapping(view, self)
+        return view
 
     def __or__(self, other):
         merged = _plain(_subject_of(self))
@@ -2029,6 +2033,9 @@ class _ValuesView(_abc.ValuesView):
         proxy = self._mapping
         return _tracked_values(_subject_of(proxy).items(), _entry_of(proxy),
                                proxy)
+
+
+_set_mapping = _abc.MappingView._mapping.__set__
 
 
 # The iterations of tracked dicts and lists: the most frequent reads of all,
