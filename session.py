@@ -41,6 +41,7 @@ Contents, in reading order:
 """
 
 import base64 as _base64
+import collections as _collections
 import collections.abc as _abc
 import contextvars as _contextvars
 import errno as _errno
@@ -278,13 +279,18 @@ class Session(object):
                          called through it); the one past it raises
                          `TooManyRequests` instead of going out. ``None``:
                          no limit. `requests` counts them.
+    :param batch_size: the most documents one ``_bulk_docs`` request
+                       carries; a flush of more sends several
+    :param max_request_bytes: the most bytes one ``_bulk_docs`` request
+                              carries (a document larger than that goes
+                              alone); by default 1,000,000, under the
+                              1 MiB body limit a proxy has unless told
+                              otherwise (nginx's ``client_max_body_size``)
+                              and far under CouchDB's own
+                              ``max_http_request_size``; ``None``: no limit
     :raise TypeError: if ``db`` is a URL or a `couchdb.Server`: the session
                       works on one database, ``server[name]``
     """
-
-    #: Most documents sent in one ``_bulk_docs`` request; a flush of more is
-    #: split into several requests.
-    batch_size = 10000
 
     #: Most rounds of hook calls in one flush before it gives up.
     max_hook_rounds = 100
@@ -300,9 +306,18 @@ class Session(object):
 
     def __init__(self, db, pre_flush_hook=None, post_flush_hook=None,
                  on_conflict='raise', max_inline_attachment=64 * 1024,
-                 max_document_size=8000000, w=None, max_requests=None):
+                 max_document_size=8000000, w=None, max_requests=None,
+                 batch_size=10000, max_request_bytes=1000000):
         _check_db(db)
         self.db = db
+        #: Most documents sent in one ``_bulk_docs`` request; a flush of
+        #: more is split into several requests.
+        self.batch_size = _check_count('batch_size', batch_size, none=False)
+        if not self.batch_size:
+            raise ValueError('batch_size must be at least 1, got 0')
+        #: Most bytes in one ``_bulk_docs`` request, or ``None``.
+        self.max_request_bytes = _check_count('max_request_bytes',
+                                              max_request_bytes)
         self._budget = _Budget(_check_count('max_requests', max_requests))
         self._db = _counted_database(db, self._budget)  # what reads use
         self.on_conflict = _check_on_conflict(on_conflict)
@@ -533,6 +548,52 @@ class Session(object):
             row = self._row(row, wrapper)
             if row is not None:
                 yield row
+
+    def iterdocs(self, name='_all_docs', batch=1000, checkpoint=None,
+                 **options):
+        """Iterate over the documents of a view's rows (``_all_docs`` by
+        default), for a job over many documents: each is the session's
+        tracked document, to change or delete as usual.
+
+        Rows come ``batch`` at a time (one request for the rows, one
+        ``POST _bulk_get`` for the documents the session lacks). When the
+        iteration moves past a batch, `flush` writes everything pending
+        and the batch's documents leave the session (as `expunge` does),
+        so memory is bounded by ``batch``, not by the database. A
+        `FlushError` or a connection failure ends the iteration with that
+        exception, losing nothing: the failed documents stay pending, for
+        a later `flush` or the next run.
+
+        With ``checkpoint='name'``, the position after each written batch
+        is recorded in ``_local/session-checkpoint-<name>`` (one ``PUT``
+        per batch), and the same call run again starts after the last
+        batch fully written. The run that reaches the end marks it
+        finished: a rerun yields nothing, until that document is deleted.
+        A batch whose write was interrupted is yielded again: a job should
+        set values rather than add to them, and then a document it changed
+        already is found unchanged and not written twice.
+
+        The iterator's ``total`` (the rows of the view, or of the range
+        asked, at the start; design documents of ``_all_docs`` are left
+        out, and skipped, unless ``design_docs=True``) is known before the
+        first document, and ``done`` counts the documents yielded, those of
+        earlier runs of the checkpoint included:
+        ``tqdm(it, total=it.total, initial=it.done)`` shows progress. One
+        INFO line per batch goes to the ``session`` logger.
+
+        ``options`` are the view's (``startkey``, ``endkey``, ``key``,
+        ``descending``, ``inclusive_end``, ...), but ``keys``, ``limit``,
+        ``skip`` and ``include_docs``, which paging sets itself. Rows with
+        equal keys are paged correctly on servers that ignore
+        ``startkey_docid`` (PouchDB Server) too. A job should not change
+        the keys of the view it goes over: a row that moves may come again
+        or be missed, as with any paging.
+
+        :raise ValueError: for a ``batch`` below 1, an option paging sets,
+                           or a checkpoint recorded for another view or
+                           other options
+        """
+        return _DocIterator(self, name, batch, checkpoint, options)
 
     def find(self, mango_query, wrapper=None):
         """Run a Mango query (``POST _find``) and iterate over the tracked
@@ -1509,6 +1570,306 @@ def _read_without_bulk_get(db, keys):
                 found[key] = (doc['_rev'], None if doc.get('_deleted')
                               else doc)
     return found
+
+
+# -- Jobs over many documents: iterdocs ---------------------------------------
+
+# The view options `Session.iterdocs` sets itself, to page.
+_PAGING_OPTIONS = ('keys', 'limit', 'skip', 'include_docs')
+
+# Where `Session.iterdocs` records how far a job got.
+_CHECKPOINT = '_local/session-checkpoint-%s'
+
+# The rows one request reads when `iterdocs` counts the rows of a range.
+_COUNT_BATCH = 10000
+
+
+class _DocIterator(object):
+    """The iterator `Session.iterdocs` returns: it pages a view with a
+    `_ViewCursor`, hands out the documents of each batch, and at the end
+    of each flushes, lets the batch's documents go and records the
+    checkpoint.
+
+    :ivar done: the documents yielded, by earlier runs of its checkpoint too
+    :ivar total: the documents the view (or the range asked) had at the
+                 start
+    """
+
+    def __init__(self, session, name, batch, checkpoint, options):
+        if isinstance(batch, bool) or not isinstance(batch, int) or \
+                batch < 1:
+            raise ValueError('iterdocs() batch must be a whole number of at '
+                             'least 1, got %r' % (batch,))
+        options = dict(options)
+        design = options.pop('design_docs', False)
+        for option in _PAGING_OPTIONS:
+            if option in options:
+                raise ValueError(
+                    'iterdocs() pages the view itself and sets %r; ask for '
+                    'a range with startkey and endkey instead' % option)
+        if 'key' in options:
+            options['startkey'] = options['endkey'] = options.pop('key')
+            options.pop('inclusive_end', None)
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise TypeError('iterdocs() checkpoint must be a name (str), got '
+                            '%r' % (checkpoint,))
+        self.session = session
+        self.name = name
+        self.batch = batch
+        self.options = options
+        self.skip_design = name == '_all_docs' and not design
+        self.checkpoint = None if checkpoint is None else \
+            _CHECKPOINT % checkpoint
+        self.checkpoint_rev = None
+        self.cursor = _ViewCursor(session._db, name, options)
+        self.done = 0
+        self.total = None
+        self.over = False           # finished, or stopped by an exception
+        self.queue = _collections.deque()   # documents of the batch to yield
+        self.batch_started = False  # whether a batch was handed out
+        # The documents held before: the job's batches leave them alone.
+        self.held_before = set(session._map.entries)
+        self.started = _time.perf_counter()
+        self.done_at_start = 0
+        if self.checkpoint is not None:
+            self.resume()
+        if self.total is None:
+            self.total = _count_rows(session._db, name, options,
+                                     self.skip_design)
+
+    def __repr__(self):
+        return '<iterdocs %r: %s of %s done>' % (self.name, self.done,
+                                                 self.total)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.over:
+            raise StopIteration
+        try:
+            while not self.queue:
+                if self.batch_started:
+                    self.end_batch()
+                if not self.next_batch():
+                    self.over = True
+                    self.record(finished=True)
+                    raise StopIteration
+        except StopIteration:
+            raise
+        except BaseException:
+            self.over = True        # stopped; the next run resumes
+            raise
+        self.done += 1
+        return self.queue.popleft()
+
+    def next_batch(self):
+        """Read the next batch into `queue`: whether there was one."""
+        session = self.session
+        rows = self.cursor.page(self.batch)
+        if not rows:
+            return False
+        if self.skip_design:
+            rows = [row for row in rows
+                    if not row['id'].startswith('_design/')]
+        held = session._map.entries
+        for row, doc in zip(rows, session._docs_of_rows(rows, self.name)):
+            entry = held.get(row['id'])
+            if doc is not None and not (entry is not None and
+                                        entry.state is _DELETED):
+                self.queue.append(doc)
+        self.batch_started = True
+        return True
+
+    def end_batch(self):
+        """Write what is pending, let the batch's documents go, record the
+        checkpoint, and log how it went."""
+        session = self.session
+        written = failed = 0
+        try:
+            written = sum(1 for row in session.flush() if row[0])
+        except FlushError as exc:
+            written = sum(1 for row in exc.results if row[0])
+            failed = len(exc.failures)
+            raise
+        finally:
+            if _logger.isEnabledFor(_logging.INFO):
+                seconds = _time.perf_counter() - self.started
+                _logger.info(
+                    'iterdocs %s: %d/%d documents, %.0f documents/s, %d '
+                    'written, %d failed', self.name, self.done, self.total,
+                    (self.done - self.done_at_start) / seconds if seconds
+                    else 0, written, failed)
+        entries, pending = session._map.entries, session._map.pending
+        for id, entry in list(entries.items()):
+            if id not in self.held_before and id not in pending:
+                session._map.forget(entry)
+        self.batch_started = False
+        self.record(finished=False)
+
+    # The checkpoint.
+
+    def resume(self):
+        """Take up the checkpoint's record, if there is one."""
+        record = self.session._db.get(self.checkpoint)
+        if record is None:
+            return
+        if record.get('view') != self.name or \
+                record.get('options') != _plain(self.options):
+            raise ValueError(
+                'iterdocs() checkpoint %r was recorded for view %r with '
+                'options %r, not for %r with %r: give this job a name of its '
+                'own, or delete %s to start over' % (
+                    self.checkpoint[len(_CHECKPOINT % ''):],
+                    record.get('view'), record.get('options'), self.name,
+                    self.options, self.checkpoint))
+        self.checkpoint_rev = record['_rev']
+        self.done = self.done_at_start = record.get('done', 0)
+        self.total = record.get('total')
+        self.over = bool(record.get('finished'))
+        self.cursor.restore(record.get('cursor') or {})
+
+    def record(self, finished):
+        """Record the position after the batch just written."""
+        if self.checkpoint is None:
+            return
+        body = {'view': self.name, 'options': _plain(self.options),
+                'done': self.done, 'total': self.total,
+                'finished': finished, 'cursor': self.cursor.state()}
+        body['_id'] = self.checkpoint
+        if self.checkpoint_rev is not None:
+            body['_rev'] = self.checkpoint_rev
+        self.checkpoint_rev = self.session._db.save(body)[1]
+
+
+class _ViewCursor(object):
+    """Where the paging of a view stands: after the row of ``key`` and
+    document ``anchor``, the last one read.
+
+    A page starts at ``startkey=key`` with ``startkey_docid=anchor``; the
+    rows with that key whose ids are in ``seen`` are the ones read
+    already. PouchDB Server ignores ``startkey_docid`` and starts at the
+    key's first row: there the cursor skips the ``skip`` rows it counted
+    before the anchor, and when the anchor is not the first row it gets
+    (rows moved meanwhile) it reads the key's rows again from the first,
+    leaving out the seen ones. So rows with equal keys are neither lost
+    nor repeated on either server.
+    """
+
+    def __init__(self, db, name, options):
+        self.db = db
+        self.name = name
+        self.options = options
+        self.key = None
+        self.anchor = None          # None before the first page
+        self.seen = set()           # ids read with `key`
+        self.skip = 0
+        self.ignores_docid = False  # the server ignores startkey_docid
+        self.ended = False
+        self.asked = 0              # the limit of the last page asked
+
+    def state(self):
+        return {'key': self.key, 'anchor': self.anchor,
+                'seen': sorted(self.seen), 'skip': self.skip,
+                'ignores_docid': self.ignores_docid, 'ended': self.ended}
+
+    def restore(self, state):
+        self.key, self.anchor = state.get('key'), state.get('anchor')
+        self.seen = set(state.get('seen') or ())
+        self.skip = state.get('skip', 0)
+        self.ignores_docid = bool(state.get('ignores_docid'))
+        self.ended = bool(state.get('ended'))
+
+    def page(self, count):
+        """The next rows (without documents), about ``count`` of them;
+        ``[]`` at the end."""
+        while not self.ended:
+            rows = self.read(count)
+            new = [row for row in rows if not self.read_already(row)]
+            self.move(rows)
+            if new:
+                return new
+        return []
+
+    def read(self, count):
+        """One page of rows from the cursor on."""
+        while True:
+            # After the first page, the anchor comes again first.
+            self.asked = count + (self.anchor is not None)
+            options = dict(self.options, limit=self.asked)
+            if self.anchor is not None:
+                options['startkey'] = self.key
+                if self.name != '_all_docs':
+                    options['startkey_docid'] = self.anchor
+                if self.skip:
+                    options['skip'] = self.skip
+            rows = self.db.view(self.name, **options).rows
+            if self.anchor is None or not rows:
+                return rows
+            first = rows[0]
+            if self.skip and not self.is_anchor(first):
+                self.skip = 0       # rows moved: from the key's first row
+                continue
+            if not self.is_anchor(first) and self.read_already(first) and \
+                    not self.ignores_docid:
+                self.ignores_docid = True
+                at = [n for n, row in enumerate(rows) if self.is_anchor(row)]
+                if at:
+                    self.skip = at[0]   # once: a full page from the anchor
+                    continue
+            return rows
+
+    def is_anchor(self, row):
+        return row.get('id') == self.anchor and \
+            _same(row.get('key'), self.key, loose_numbers=True)
+
+    def read_already(self, row):
+        return self.anchor is not None and row.get('id') in self.seen and \
+            _same(row.get('key'), self.key, loose_numbers=True)
+
+    def move(self, rows):
+        """Put the cursor after ``rows``, the page just read."""
+        if len(rows) < self.asked:
+            self.ended = True
+        if not rows:
+            return
+        last = rows[-1]
+        key = last.get('key')
+        same = self.anchor is not None and \
+            _same(key, self.key, loose_numbers=True)
+        before = sum(1 for row in rows[:-1]
+                     if _same(row.get('key'), key, loose_numbers=True))
+        if same:
+            self.seen.update(row['id'] for row in rows if _same(
+                row.get('key'), key, loose_numbers=True))
+            self.skip = self.skip + before if self.ignores_docid else 0
+        else:
+            self.seen = set(row['id'] for row in rows if _same(
+                row.get('key'), key, loose_numbers=True))
+            self.skip = before if self.ignores_docid else 0
+        self.key, self.anchor = key, last['id']
+
+
+def _count_rows(db, name, options, skip_design):
+    """The rows of view ``name`` asked with ``options`` (without design
+    documents if ``skip_design``): the view's ``total_rows`` (one request,
+    and one for the design documents), or for a range, its rows counted
+    without their documents, `_COUNT_BATCH` per request (PouchDB Server's
+    ``offset`` cannot tell where a range starts)."""
+    ranged = any(option in options for option in ('startkey', 'endkey'))
+    if not ranged:
+        total = db.view(name, limit=0, **options).total_rows
+        if skip_design:
+            total -= len(db.view('_all_docs', startkey='_design/',
+                                 endkey='_design0').rows)
+        return total
+    cursor, total = _ViewCursor(db, name, options), 0
+    while True:
+        rows = cursor.page(_COUNT_BATCH)
+        if not rows:
+            return total
+        total += sum(1 for row in rows if not (
+            skip_design and row['id'].startswith('_design/')))
 
 
 # -- Web requests -------------------------------------------------------------
@@ -3181,7 +3542,15 @@ class _Flush(object):
         self.inline_limit = session.max_inline_attachment
         self.results = _FlushResults()  # (success, id, rev_or_exc) of every
         #                                 round, and the ids only accepted
-        self.encoded = {}       # id: (payload, its JSON), of what was checked
+        self.encoded = {}       # id: (payload, its JSON or None, its size),
+        #                         of what was checked; the JSON is kept
+        #                         while `kept` stays under `keep_limit`
+        #                         bytes, and dropped once sent, so a flush
+        #                         of many documents holds a few requests'
+        #                         worth of JSON, not all of it
+        self.kept = 0
+        limit = session.max_request_bytes
+        self.keep_limit = None if limit is None else max(4 * limit, 1 << 22)
         self.sent_any = False   # whether a write went out: after that, a
         #                         bad value is its document's outcome
         self.splits = 0         # requests spent finding refused documents
@@ -3389,22 +3758,55 @@ class _Flush(object):
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        self.encoded[id] = (payload, data)
         refusal = _too_large(id, payload, data,
                              self.session.max_document_size)
-        if refusal is not None:
-            del self.encoded[id]
+        if refusal is None:
+            self.release(id)
+            keep = self.keep_limit is None or \
+                self.kept + len(data) <= self.keep_limit
+            self.encoded[id] = (payload, data if keep else None, len(data))
+            if keep:
+                self.kept += len(data)
         return refusal
 
+    def release(self, id):
+        """Drop the JSON kept of ``id``'s payload (its size stays known)."""
+        payload, data, size = self.encoded.get(id, (None, None, 0))
+        if data is not None:
+            self.kept -= size
+            self.encoded[id] = (payload, None, size)
+
+    def json_of(self, payload):
+        """The JSON of ``payload``, checked by `check`: kept, or made again
+        (the same bytes: JSON encoding is deterministic)."""
+        payload, data, _ = self.encoded[payload['_id']]
+        return data if data is not None else _encode(payload).encode('utf-8')
+
+    def batches(self, payloads):
+        """``payloads`` in the batches of one request each, by
+        `Session.batch_size` and `Session.max_request_bytes`."""
+        count, limit = self.session.batch_size, self.session.max_request_bytes
+        batches, batch, size = [], [], len(b'{"docs":[]}')
+        for payload in payloads:
+            more = self.encoded[payload['_id']][2] + 1
+            if batch and (len(batch) >= count or (
+                    limit is not None and size + more > limit)):
+                batches.append(batch)
+                batch, size = [], len(b'{"docs":[]}')
+            batch.append(payload)
+            size += more
+        if batch:
+            batches.append(batch)
+        return batches
+
     def send(self, plan, payloads):
-        """POST ``payloads`` to ``_bulk_docs``, `Session.batch_size` at a
-        time; record each document's outcome, and apply the successes. A
+        """POST ``payloads`` to ``_bulk_docs`` in batches of at most
+        `Session.batch_size` documents and `Session.max_request_bytes`
+        bytes; record each document's outcome, and apply the successes. A
         request the server refuses as a whole for what one of its
         documents holds is split, to find that document (see `split`)."""
         payloads = self.check(plan, payloads)
-        size = self.session.batch_size
-        batches = [payloads[start:start + size]
-                   for start in range(0, len(payloads), size)]
+        batches = self.batches(payloads)
         batches.reverse()               # a stack, the first batch on top
         while batches:
             batch = batches.pop()
@@ -3476,7 +3878,9 @@ class _Flush(object):
         would retry it; the server then answers a conflict for what it had
         applied, which `settle` recognises."""
         body = b'{"docs":[%s]}' % b','.join(
-            self.encoded[payload['_id']][1] for payload in batch)
+            self.json_of(payload) for payload in batch)
+        for payload in batch:
+            self.release(payload['_id'])
         options = {} if self.w is None else {'w': self.w}
         self.sent_any = True
         budget = self.session._budget
