@@ -3,6 +3,7 @@
 #   make test     install everything, then run the tests
 #   make demo     run tools/demo.py
 #   make bench    run benchmarks/bench_session.py ($(BENCH_ARGS) passed on)
+#                 and benchmarks/bench_jobs.py ($(BENCH_JOBS_ARGS))
 #   make clean    remove the virtualenv, node_modules and caches
 #
 # Set COUCHDB_URL (e.g. http://admin:admin@127.0.0.1:5984/) to test against
@@ -17,6 +18,7 @@ NODE_STAMP := node_modules/.installed.stamp
 
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BENCH_JOBS_ARGS ?=
 
 .PHONY: all install test demo bench clean
 
@@ -43,6 +45,7 @@ demo: install
 
 bench: install
 	$(VENV_PYTHON) benchmarks/bench_session.py $(BENCH_ARGS)
+	$(VENV_PYTHON) benchmarks/bench_jobs.py $(BENCH_JOBS_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules build dist *.egg-info .eggs \
