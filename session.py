@@ -1504,16 +1504,19 @@ def _distinct_batches(keys):
     """``keys`` in batches of at most `_READ_BATCH`, none naming one id
     twice: PouchDB Server answers a ``_bulk_get`` asking for an id twice
     with one result for both."""
-    batches = []
+    batches, first = [], 0          # batches[first:] may have room
     for key in keys:
-        for batch, ids in batches:
-            if len(batch) < _READ_BATCH and _key_id(key) not in ids:
+        id = key[0] if type(key) is tuple else key
+        for batch, ids in batches[first:]:
+            if id not in ids and len(batch) < _READ_BATCH:
                 break
         else:
             batch, ids = [], set()
             batches.append((batch, ids))
         batch.append(key)
-        ids.add(_key_id(key))
+        ids.add(id)
+        while first < len(batches) and len(batches[first][0]) >= _READ_BATCH:
+            first += 1
     return [batch for batch, _ in batches]
 
 
