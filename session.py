@@ -459,6 +459,9 @@ class Session(object):
         :raise TypeError: if ``id`` is not a string
         """
         _check_id(id)
+        if options and list(options) == ['conflicts'] and \
+                options['conflicts'] in (True, 'true'):
+            return self._with_conflicts(id, default)
         if options:
             return self._db.get(id, default, **options)
         entry = self._map.entries.get(id)
@@ -469,6 +472,23 @@ class Session(object):
                 return default
         if entry.state is _DELETED:
             return default
+        return entry.doc
+
+    def _with_conflicts(self, id, default):
+        """`get` with ``conflicts=True``: the tracked document, its
+        ``_conflicts`` showing the losing leaves (never written back)."""
+        entry = self._map.entries.get(id)
+        if entry is None:
+            doc = self._db.get(id, conflicts='true')
+            return default if doc is None else self._track(doc)
+        if entry.state is _DELETED or entry.doc is None:
+            return default
+        try:
+            winner, losers = self._leaves(id)
+        except _ResourceNotFound:
+            return entry.doc
+        if winner['_rev'] == entry.subject.get('_rev'):
+            _show_conflicts(entry, [loser['_rev'] for loser in losers])
         return entry.doc
 
     def get_many(self, ids):
@@ -629,6 +649,119 @@ class Session(object):
             if not partial:
                 doc = self._track(doc) if entry is None else entry.doc
             yield wrapper(doc) if wrapper is not None else doc
+
+    # Replication conflicts.
+
+    def conflicts(self, doc_or_id):
+        """The losing leaf revisions of a document, as plain dicts with
+        their ``_rev``, oldest first; ``[]`` when it has none.
+
+        Replication between writers that were apart leaves a document with
+        several leaf revisions: the winner every read returns, and the
+        losers CouchDB lists in ``_conflicts``. One ``GET
+        /db/id?open_revs=all&revs=true`` reads them all (none when the
+        session asked already since it last read or wrote the document).
+
+        :raise ResourceNotFound: if the server has no such document
+        :raise TypeError: if the id is not a string
+        """
+        return [_plain(_without_history(leaf))
+                for leaf in self._leaves(doc_or_id)[1]]
+
+    def resolve_conflicts(self, doc_or_id, resolve='merge'):
+        """Fold every losing leaf of a document into the session's
+        document, and queue the losers for deletion. Nothing is sent before
+        `flush`, which writes the document on its revision and only then,
+        in one more ``POST _bulk_docs`` for all documents resolved, deletes
+        the losing leaves: no failure leaves a loser deleted whose content
+        is not on the server.
+
+        With ``'merge'``, each loser is merged as `flush`'s
+        ``on_conflict='merge'`` merges, the session's document on one side,
+        the loser on the other, and as base their nearest common ancestor
+        when the server still has its body (compaction removes those of
+        revisions that are not leaves): without one, only what both sides
+        agree on merges. A clash leaves the document unresolved: `flush`
+        reports it in `FlushError`, naming the paths, and sends neither the
+        document nor a deletion. A function ``resolve(winner, loser,
+        base)`` gets plain copies (``base`` ``None`` when there is none)
+        and returns the content to keep, or ``None`` to leave the document
+        as it is. Changes made to the document before and after the call
+        are kept. Attachments are not merged: a loser whose attachments
+        differ from the document's and from the base's clashes.
+
+        Requests: `conflicts`, and one ``GET ?rev=`` per common ancestor.
+
+        :raise ResourceNotFound: if the server has no such document
+        """
+        if resolve != 'merge' and not callable(resolve):
+            raise ValueError("resolve must be 'merge' or a function, got %r"
+                             % (resolve,))
+        entry = self._live(doc_or_id)
+        _, losers = self._leaves(entry.id)
+        entry.clash = None
+        if not losers:
+            entry.losers = None
+            return
+        mine = _conflict_side(entry.subject)
+        for loser in losers:
+            base = self._ancestor(entry, loser)
+            theirs = _conflict_side(loser)
+            if resolve == 'merge':
+                try:
+                    mine = _merge_leaves(base, mine, theirs)
+                except _MergeConflict as clash:
+                    entry.clash = _ResourceConflict((
+                        'conflict', 'the losing revision %s clashes with the '
+                        'document: %s. Nothing was resolved; resolve it with '
+                        'a function, or refresh() the document'
+                        % (loser['_rev'], clash)))
+                    self._map.touch(entry)
+                    return
+            else:
+                content = resolve(_plain(mine), _plain(theirs),
+                                  None if base is None else _plain(base))
+                if content is None:
+                    entry.losers = None
+                    return
+                mine = _conflict_side(_copy_in(content))
+        revision = entry.subject.get('_rev')
+        self._map.rebase(entry, mine, revision, entry.merge_base())
+        entry.losers = [loser['_rev'] for loser in losers]
+
+    def _leaves(self, doc_or_id):
+        """``(winner, losers)`` of a document's leaves with their
+        histories, read once (see `conflicts`) and kept while the session's
+        document is at the winner's revision."""
+        id = _id_of(doc_or_id)
+        entry = self._map.entries.get(id)
+        if entry is not None and entry.leaves is not None and \
+                entry.doc is not None and \
+                entry.leaves[0]['_rev'] == entry.subject.get('_rev'):
+            return entry.leaves
+        answer = self._db.get(id, open_revs='all', revs='true') or []
+        leaves = [item['ok'] for item in answer
+                  if isinstance(item, dict) and isinstance(item.get('ok'),
+                                                           dict)]
+        if not leaves:
+            raise _ResourceNotFound(('not_found', 'missing'))
+        winner = max(leaves, key=_winning)
+        losers = sorted((leaf for leaf in leaves if leaf is not winner and
+                         not leaf.get('_deleted')), key=_winning_rev)
+        if entry is not None and entry.doc is not None:
+            entry.leaves = (winner, losers)
+        return winner, losers
+
+    def _ancestor(self, entry, loser):
+        """The body of the nearest common ancestor of the session's
+        document and ``loser``, or ``None`` (no common history, or
+        compacted away)."""
+        winner = entry.leaves[0] if entry.leaves else None
+        rev = _common_revision(winner, loser)
+        if rev is None:
+            return None
+        base = self._db.get(entry.id, rev=rev)
+        return None if base is None else _conflict_side(base)
 
     # Writing (queued until flush).
 
@@ -2877,6 +3010,7 @@ class _IdentityMap(object):
         changes, attachment changes too."""
         entry.hold(document)
         entry.attachments = _PendingAttachments()
+        entry.leaves = entry.losers = entry.clash = None
         self.clean(entry)
 
     def wait(self, entry):
@@ -2886,7 +3020,7 @@ class _IdentityMap(object):
         if entry.map is not self or entry.state is not _CLEAN:
             return
         if entry.attachments.changes or entry.adopted or \
-                entry.sent is not None:
+                entry.sent is not None or entry.losers or entry.clash:
             self.pending[entry.id] = entry
         else:
             self.pending.pop(entry.id, None)
@@ -2914,7 +3048,8 @@ class _Entry(object):
     through the `_IdentityMap`."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'map', 'sent', 'carried', 'attachments', 'adopted')
+                 'map', 'sent', 'carried', 'attachments', 'adopted',
+                 'leaves', 'losers', 'clash')
 
     def __init__(self, id, document, state, base=None, rev=None):
         self.id = id
@@ -2951,6 +3086,11 @@ class _Entry(object):
         # copy taken when the document was last clean (`sync`). None when
         # there are none.
         self.adopted = None
+        # Replication conflicts (see `Session.resolve_conflicts`): the
+        # leaves read, as (winner, losers); the revisions of the losing
+        # leaves to delete once the document is written; the clash that
+        # keeps the document from being written. None when none.
+        self.leaves = self.losers = self.clash = None
 
     @property
     def subject(self):
@@ -3006,6 +3146,9 @@ class _Entry(object):
         if self.state is _DELETED:
             return {'_id': self.id, '_rev': self.rev, '_deleted': True}
         payload = dict(self.subject)
+        # What a read said of the leaves is no content to write.
+        payload.pop('_conflicts', None)
+        payload.pop('_deleted_conflicts', None)
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
         stubs = self.attachments.payload(payload.get('_attachments'),
@@ -3307,10 +3450,18 @@ class _FlushPlan(object):
         # With ``strict``, a value JSON cannot carry raises at once (nothing
         # was sent yet); otherwise it is that document's outcome.
         self.strict = strict
-        self.problems = {}      # id: TypeError or ValueError, if not strict
+        self.problems = {}      # id: TypeError or ValueError, if not strict;
+        #                         or the clash of a resolution
+        self.resolved = []      # entries with losing leaves to delete once
+        #                         written (see `Session.resolve_conflicts`)
         self._by_id = {}
         for entry in entries:
             self._by_id[entry.id] = entry
+            if entry.clash is not None:
+                self.problems[entry.id] = entry.clash
+                continue
+            if entry.losers:
+                self.resolved.append(entry)
             if entry.state is _DELETED:
                 self.deleted.append(entry)
                 continue
@@ -3339,7 +3490,7 @@ class _FlushPlan(object):
 
     def __bool__(self):
         return bool(self.deleted or self.created or self.changed or
-                    self.uploads)
+                    self.uploads or self.resolved)
 
     def entry(self, id):
         return self._by_id[id]
@@ -3595,6 +3746,7 @@ class _Flush(object):
                 break
             try:
                 self.write(self.plan)
+                self.delete_losers(self.plan)
             finally:
                 if session._hooked('post'):
                     self.report(self.plan.only(
@@ -3716,6 +3868,62 @@ class _Flush(object):
             self.upload(plan)
             if not resend:
                 break
+
+    def delete_losers(self, plan):
+        """Delete the losing leaves of the documents of ``plan`` that were
+        resolved (`Session.resolve_conflicts`), once each document is on
+        the server as resolved: written by this flush, or unchanged. One
+        ``POST _bulk_docs`` per `Session.batch_size` losers; a deletion
+        the server answers with a conflict is done if the leaf is no
+        longer there (the answer to an earlier one was lost)."""
+        ready = [entry for entry in plan.resolved if entry.losers and
+                 entry.clash is None and not isinstance(
+                     self.outcomes.get(entry.id), Exception) and
+                 (entry.id in self.wrote or entry.state is _CLEAN)]
+        stubs = [{'_id': entry.id, '_rev': rev, '_deleted': True}
+                 for entry in ready for rev in entry.losers]
+        options = {} if self.w is None else {'w': self.w}
+        size = self.session.batch_size
+        by_id = dict((entry.id, entry) for entry in ready)
+        for start in range(0, len(stubs), size):
+            batch = stubs[start:start + size]
+            rows = None
+            for retry in (True, False):
+                try:
+                    _, _, rows = self.resource.post_json(
+                        '_bulk_docs', body={'docs': batch}, **options)
+                    break
+                except Exception as exc:
+                    if not (retry and _retryable(exc)):
+                        raise
+            rows = rows if isinstance(rows, list) else []
+            for index, stub in enumerate(batch):
+                entry = by_id[stub['_id']]
+                # Rows come in the order of the documents sent.
+                row = rows[index] if index < len(rows) else None
+                done = row is not None and row.get('id') == stub['_id'] and \
+                    'error' not in row
+                if not done and not self.loser_gone(entry, stub['_rev']):
+                    exc = _row_error(row['error'], row.get('reason')) if \
+                        row is not None and 'error' in row else _ServerError(
+                            ('no_answer', 'the server did not answer for the '
+                             'deletion of losing revision %s' % stub['_rev']))
+                    self.failures[entry.id] = exc
+                    self.results.append((False, entry.id, exc))
+                    continue
+                entry.losers = [rev for rev in entry.losers
+                                if rev != stub['_rev']] or None
+            for entry in ready:
+                if entry.map is not None:
+                    self.map.wait(entry)
+
+    def loser_gone(self, entry, rev):
+        """Whether the losing leaf ``rev`` of ``entry``'s document is no
+        longer a live leaf (one ``GET ?open_revs=all``)."""
+        leaves = self.session._db.get(entry.id, open_revs='all') or []
+        return not any(isinstance(item, dict) and isinstance(
+            item.get('ok'), dict) and item['ok'].get('_rev') == rev and
+            not item['ok'].get('_deleted') for item in leaves)
 
     def check(self, plan, payloads, strict=False):
         """The ``payloads`` the server may take. Each of the others is
@@ -4649,6 +4857,97 @@ def _deep_merge(base, mine, theirs, path, memo):
         if value is not _MISSING:
             merged[key] = value
     return merged
+
+
+# -- Replication conflicts ----------------------------------------------------
+
+# The members that describe a leaf, not its content.
+_LEAF_MEMBERS = ('_rev', '_revisions', '_conflicts', '_deleted_conflicts')
+
+
+def _show_conflicts(entry, revs):
+    """Set the ``_conflicts`` a reader sees in ``entry``'s document, in
+    what it is diffed against too: a change of it is none."""
+    targets = [entry.subject]
+    if entry.copies is not None and id(entry.subject) in entry.copies:
+        targets.append(entry.copies[id(entry.subject)][1])
+    elif entry.base is not None and entry.base is not True:
+        targets.append(entry.base)
+    for target in targets:
+        if revs:
+            target['_conflicts'] = list(revs)
+        else:
+            target.pop('_conflicts', None)
+
+
+def _without_history(leaf):
+    return dict((key, value) for key, value in leaf.items()
+                if key != '_revisions')
+
+
+def _winning_rev(leaf):
+    """Oldest first: the shorter history, then the smaller hash."""
+    generation, _, digest = leaf['_rev'].partition('-')
+    return int(generation), digest
+
+
+def _conflict_side(document):
+    """A plain copy of ``document``'s content, for merging leaves."""
+    return dict((key, _plain(value)) for key, value in document.items()
+                if key not in _LEAF_MEMBERS)
+
+
+def _common_revision(winner, loser):
+    """The newest revision in the histories (``_revisions``) of both
+    leaves, or ``None``."""
+    histories = []
+    for leaf in (winner, loser):
+        history = (leaf or {}).get('_revisions') or {}
+        start, ids = history.get('start'), history.get('ids') or []
+        if not isinstance(start, int):
+            return None
+        histories.append(dict((start - n, digest)
+                              for n, digest in enumerate(ids)))
+    mine, theirs = histories
+    for generation in sorted(set(mine) & set(theirs), reverse=True):
+        if mine[generation] == theirs[generation]:
+            return '%d-%s' % (generation, mine[generation])
+    return None
+
+
+def _merge_leaves(base, mine, theirs):
+    """The content of two leaves ``mine`` and ``theirs`` merged over their
+    ``base`` (``None`` when unknown: then they must agree).
+
+    :raise _MergeConflict: naming the paths that clash
+    """
+    digests = [_attachment_digests(side) for side in (base, mine, theirs)]
+    if digests[2] != digests[1] and (base is None or
+                                     digests[2] != digests[0]):
+        raise _MergeConflict('their attachments differ (attachments are not '
+                             'merged)')
+    strip = ('_attachments',)
+    if base is None:
+        ops = []
+        _diff_dict(ops, None, _content(theirs, strip), _content(mine, strip))
+        if ops:
+            raise _MergeConflict('there is no common version to merge them '
+                                 'on, and they differ at %s' % ', '.join(
+                                     sorted(set(op['path'] for op in ops))))
+        return mine
+    merged = _merge(_content(base, strip), _content(mine, strip),
+                    _content(theirs, strip), '')
+    merged = _plain(merged)
+    if '_attachments' in mine:
+        merged['_attachments'] = mine['_attachments']
+    return merged
+
+
+def _attachment_digests(document):
+    if document is None:
+        return None
+    return dict((name, (stub or {}).get('digest')) for name, stub in
+                (document.get('_attachments') or {}).items())
 
 
 # -- Copies and diffs ---------------------------------------------------------
