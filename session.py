@@ -726,7 +726,10 @@ class Session(object):
                     return
                 mine = _conflict_side(_copy_in(content))
         revision = entry.subject.get('_rev')
-        self._map.rebase(entry, mine, revision, entry.merge_base())
+        # A copy: the version fetched may be the document itself, which
+        # takes the merged content.
+        fetched = _plain(entry.merge_base())
+        self._map.rebase(entry, mine, revision, fetched)
         entry.losers = [loser['_rev'] for loser in losers]
 
     def _leaves(self, doc_or_id):
@@ -1163,11 +1166,12 @@ class Session(object):
 
     def has_changes(self):
         """Whether `flush` has anything to send: a new or deleted document,
-        a changed one that differs from the version fetched, or one whose
-        last write's answer was lost. No request is made."""
+        a changed one that differs from the version fetched, one whose
+        last write's answer was lost, or losing leaves to delete (see
+        `resolve_conflicts`). No request is made."""
         # A document whose last write's answer was lost is sent again.
         return any(e.state is _NEW or e.state is _DELETED or
-                   e.attachments.changes
+                   e.attachments.changes or e.losers
                    or e.sent is not None or e.diff()
                    for e in list(self._map.pending.values()))
 

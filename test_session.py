@@ -2241,6 +2241,264 @@ def test_session_size_options_are_checked(db):
     assert Session(db).batch_size == 10000
 
 
+# -- Replication conflicts -----------------------------------------------------
+
+def siblings(db, id, *leaves, **base):
+    """Give ``id`` (created with ``base``) one leaf revision per dict of
+    ``leaves``, each a child of the first revision, as replication between
+    writers that were apart leaves them; the leaves' revisions, winner
+    last."""
+    db[id] = dict(base)
+    first = db[id].rev
+    digest = first.split('-')[1]
+    revs = []
+    for n, content in enumerate(leaves):
+        hash = '%x' % (n + 1) * 32
+        revs.append('2-' + hash[:32])
+        db.update([dict(content, _id=id, _rev=revs[-1], _revisions={
+            'start': 2, 'ids': [hash[:32], digest]})], new_edits=False)
+    return sorted(revs)
+
+
+def leaf_values(db, id):
+    """{rev: content} of every live leaf of ``id``."""
+    return dict((item['ok']['_rev'], content_of(item['ok']))
+                for item in db.get(id, open_revs='all')
+                if 'ok' in item and not item['ok'].get('_deleted'))
+
+
+def content_of(doc):
+    return dict((k, v) for k, v in doc.items()
+                if k not in ('_id', '_rev', '_revisions', '_conflicts'))
+
+
+def test_conflicts_lists_the_losing_leaves_oldest_first(db, wire):
+    """conflicts(): the losers as plain dicts with their _rev, oldest
+    first, for one request; [] for a document without conflicts."""
+    revs = siblings(db, 'a', {'v': 1}, {'v': 2}, {'v': 3}, v=0)
+    S = Session(db)
+    wire.clear()
+    losers = S.conflicts('a')
+    assert [loser['_rev'] for loser in losers] == revs[:-1]
+    assert [loser['v'] for loser in losers] == [1, 2]
+    assert all(type(loser) is dict for loser in losers)
+    assert len(wire) == 1
+    put(db, 'b', v=0)
+    assert S.conflicts('b') == []
+    with pytest.raises(couchdb.ResourceNotFound):
+        S.conflicts('nope')
+
+
+@pytest.mark.parametrize('count', [2, 3])
+def test_resolve_conflicts_merges_every_loser_and_deletes_them(db, wire,
+                                                               count):
+    """resolve_conflicts(): each loser's changes merged over their common
+    ancestor; flush() writes the document, then deletes the losers in one
+    more request: no _conflicts left, every value kept."""
+    leaves = [{'x%d' % n: n, 'shared': 0} for n in range(count)]
+    siblings(db, 'a', *leaves, shared=0)
+    S = Session(db)
+    S.resolve_conflicts('a')
+    wire.clear()
+    S.flush()
+    assert [len(body['docs']) for body in wire.bulk_bodies()] == [1,
+                                                                  count - 1]
+    doc = db.get('a', conflicts=True)
+    assert '_conflicts' not in doc
+    assert content_of(doc) == dict([('shared', 0)] + [
+        ('x%d' % n, n) for n in range(count)])
+    assert not S.has_changes()
+
+
+def test_a_clash_leaves_the_document_unresolved(db):
+    """Two leaves changing one field differently: flush() reports the
+    document in FlushError, naming the field; nothing of it is written or
+    deleted, and the other documents are written."""
+    siblings(db, 'a', {'v': 'one'}, {'v': 'two'}, v=0)
+    S = Session(db)
+    S.resolve_conflicts('a')
+    S.create({'_id': 'other'})
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['a']
+    assert '/v' in str(caught.value.failures['a'])
+    assert len(leaf_values(db, 'a')) == 2 and 'other' in db
+    assert generation(db, 'a') == 2
+
+
+def test_without_a_common_version_only_agreement_merges(db):
+    """Once compaction took the common ancestor's body, leaves that differ
+    clash, and leaves that agree resolve."""
+    siblings(db, 'a', {'v': 1, 'w': 1}, {'v': 1, 'w': 2}, v=0, w=0)
+    siblings(db, 'b', {'v': 1}, {'v': 1}, v=0)
+    db.compact()
+    first = db.get('a', revs='true')['_revisions']
+    base = '1-' + first['ids'][-1]
+    for _ in range(50):
+        if db.get('a', rev=base) is None:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.skip('compaction did not remove the old body in time')
+    S = Session(db)
+    S.resolve_conflicts('a')
+    S.resolve_conflicts('b')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['a']
+    assert 'no common version' in str(caught.value.failures['a'])
+    assert '/w' in str(caught.value.failures['a'])
+    assert '_conflicts' not in db.get('b', conflicts=True)
+
+
+def test_a_function_resolves_with_plain_copies(db):
+    """resolve=function: called with (winner, loser, base) plain copies
+    for each loser; what it returns is written; None leaves the document
+    as it is."""
+    siblings(db, 'a', {'n': 1}, {'n': 2}, n=0)
+    calls = []
+
+    def add_up(winner, loser, base):
+        calls.append((winner['n'], loser['n'], base['n'],
+                      type(winner) is dict))
+        return dict(winner, n=winner['n'] + loser['n'] - base['n'])
+
+    S = Session(db)
+    S.resolve_conflicts('a', resolve=add_up)
+    S.flush()
+    assert calls == [(2, 1, 0, True)]
+    assert content_of(db.get('a', conflicts=True)) == {'n': 3}
+    siblings(db, 'b', {'n': 1}, {'n': 2}, n=0)
+    S.resolve_conflicts('b', resolve=lambda *sides: None)
+    assert S.flush() == [] and len(leaf_values(db, 'b')) == 2
+
+
+def test_the_users_edits_around_resolve_conflicts_are_kept(db):
+    """Changes made before and after the call, through kept references
+    too, are written with the resolution."""
+    siblings(db, 'a', {'x': 1, 'nested': {'k': 0}}, {'y': 1, 'nested': {
+        'k': 0}}, nested={'k': 0})
+    S = Session(db)
+    doc = S['a']
+    nested = doc['nested']
+    doc['before'] = True
+    S.resolve_conflicts(doc)
+    nested['k'] = 'after'
+    doc['after'] = True
+    S.flush()
+    assert content_of(db.get('a', conflicts=True)) == {
+        'x': 1, 'y': 1, 'nested': {'k': 'after'}, 'before': True,
+        'after': True}
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge'])
+def test_a_writer_moving_the_winner_meanwhile(db, policy):
+    """Another writer updates the winner between resolve_conflicts() and
+    flush(): on_conflict decides; the losers are deleted only once the
+    document is written."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(db, on_conflict=policy)
+    S.resolve_conflicts('a')
+    change(db, 'a', z='theirs')
+    if policy == 'raise':
+        with pytest.raises(FlushError):
+            S.flush()
+        assert len(leaf_values(db, 'a')) == 2
+        return
+    S.flush()
+    doc = db.get('a', conflicts=True)
+    assert '_conflicts' not in doc
+    assert content_of(doc) == {'x': 1, 'y': 1, 'z': 'theirs'}
+
+
+@pytest.mark.parametrize('which', [1, 2])
+def test_a_dropped_answer_while_resolving_loses_nothing(db, remote,
+                                                        forwarder, which):
+    """The answer to the document's write, or to the deletion of the
+    losers, is lost: the flush recognises what landed; the document ends
+    resolved, every value kept."""
+    siblings(db, 'a', {'x': 1}, {'y': 1}, {'w': 1})
+    S = Session(remote)
+    S.resolve_conflicts('a')
+    posts = []
+
+    def nth(method, path):
+        if is_bulk_docs(method, path):
+            posts.append(path)
+            return len(posts) == which
+        return False
+    forwarder.fail('drop_answer', when=nth, times=1)
+    S.flush()
+    doc = db.get('a', conflicts=True)
+    assert '_conflicts' not in doc
+    assert content_of(doc) == {'x': 1, 'y': 1, 'w': 1}
+    assert not S.has_changes()
+
+
+def test_a_connection_failure_between_the_requests_keeps_the_losers(
+        db, remote, forwarder):
+    """The deletion of the losers fails on the connection: the document is
+    written with their content, the losers stay (nothing lost), and the
+    next flush deletes them."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(remote)
+    S.resolve_conflicts('a')
+    posts = []
+
+    def second(method, path):
+        if is_bulk_docs(method, path):
+            posts.append(path)
+            return len(posts) >= 2
+        return False
+    forwarder.fail('cut_before', when=second, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert content_of(db['a']) == {'x': 1, 'y': 1}
+    assert len(leaf_values(db, 'a')) == 2
+    assert S.has_changes()
+    S.flush()
+    assert '_conflicts' not in db.get('a', conflicts=True)
+
+
+def test_get_with_conflicts_gives_the_tracked_document(db, wire):
+    """get(id, conflicts=True): the session's document, with _conflicts
+    to read; it is never written back."""
+    revs = siblings(db, 'a', {'v': 1}, {'v': 2})
+    S = Session(db)
+    doc = S.get('a', conflicts=True)
+    assert doc is S['a'] and doc['_conflicts'] == revs[:1]
+    held = S.get('a', conflicts=True)
+    assert held is doc
+    doc['v'] = 'mine'
+    wire.clear()
+    S.flush()
+    [body] = wire.bulk_bodies()
+    assert '_conflicts' not in body['docs'][0]
+
+
+def test_replicated_conflicts_are_resolved(server_url, db):
+    """Two databases edited apart and replicated into one: the session
+    merges the leaves replication left."""
+    server = couchdb.Server(server_url)
+    name = 'test_session_%s' % uuid.uuid4().hex
+    other = server.create(name)
+    try:
+        put(db, 'a', shared=0)
+        server.replicate(server_url + db.name, server_url + name)
+        change(db, 'a', mine=1)
+        change(other, 'a', theirs=1)
+        server.replicate(server_url + name, server_url + db.name)
+        assert len(leaf_values(db, 'a')) == 2
+        S = Session(db)
+        S.resolve_conflicts('a')
+        S.flush()
+        doc = db.get('a', conflicts=True)
+        assert '_conflicts' not in doc
+        assert content_of(doc) == {'shared': 0, 'mine': 1, 'theirs': 1}
+    finally:
+        del server[name]
+
+
 # -- Friendliness -------------------------------------------------------------
 
 def test_tracked_documents_work_with_ordinary_code(db):
