@@ -55,10 +55,12 @@ import math as _math
 import mimetypes as _mimetypes
 import os as _os
 import random as _random
+import select as _select
 import shutil as _shutil
 import tempfile as _tempfile
 import time as _time
 import uuid as _uuid
+from urllib.parse import urlsplit as _urlsplit
 
 from couchdb.client import (Database as _Database, Document as _Document,
                             Row as _Row, Server as _Server)
@@ -1491,10 +1493,13 @@ def _counted(resource, budget, retries=True):
     that counts requests in ``budget``, sharing the connections and settings
     of ``resource``'s. Without ``retries`` it does not send a request again
     by itself (`_Flush` retries writes itself, to know which outcomes are
-    unknown)."""
+    unknown), and never sends one on a pooled connection the server has
+    closed meanwhile: the request would fail on the way out, and its
+    outcome would look unknown though the server never saw it."""
     session = object.__new__(_CountedHTTPSession)
     session.__dict__.update(vars(resource.session))
     session.budget = budget
+    session.writes = not retries
     if not retries:
         session.retryable_errors = set()
     counted = _Resource(resource.url, session)
@@ -1518,11 +1523,15 @@ class _CountedHTTPSession(_HTTPSession):
     (and refusing the one past the limit before sending anything) and
     logging it."""
 
+    writes = False
+
     def request(self, method, url, body=None, headers=None, credentials=None,
                 num_redirects=0):
         budget = self.budget
         if budget.limit is not None and budget.requests >= budget.limit:
             raise TooManyRequests(budget.limit, method, url)
+        if self.writes:
+            _drop_closed(self.connection_pool, url)
         budget.requests += 1
         started = _time.perf_counter()
         status = 'failed'
@@ -1569,6 +1578,20 @@ def _size_of(body):
     if isinstance(body, (bytes, str)):
         return len(body)
     return '?'                  # a stream, or JSON python-couchdb encodes
+
+
+def _drop_closed(pool, url):
+    """Close the idle connections of python-couchdb's ``pool`` for
+    ``url``'s server that have something to read: the server closed them
+    (an idle HTTP connection has nothing else to say)."""
+    parts = _urlsplit(url)
+    with pool.lock:
+        idle = pool.conns.get((parts.scheme, parts.netloc)) or []
+        for conn in list(idle):
+            sock = getattr(conn, 'sock', None)
+            if sock is not None and _select.select([sock], [], [], 0)[0]:
+                idle.remove(conn)
+                conn.close()
 
 
 def _counted_database(db, budget):

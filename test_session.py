@@ -5809,6 +5809,25 @@ def test_a_whole_document_pickles_as_a_plain_document(db):
 
 
 
+def test_a_write_on_connections_the_server_closed_is_no_lost_answer(
+        db, remote, forwarder):
+    """The server closed the idle connections python-couchdb pooled (here
+    the forwarder, switched off and on): the next write goes on a fresh
+    one, so its 409 is answered, and another writer's identical edit is a
+    conflict, not taken for the session's own write."""
+    put(db, 'a')
+    S = Session(remote)
+    doc = S['a']
+    forwarder.mode = 'refuse'           # closes every open connection
+    forwarder.mode = 'pass'
+    doc['v'] = 1
+    change(db, 'a', v=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert S.has_changes()
+
+
 # -- Attachments --------------------------------------------------------------
 #
 # `put_attachment` and `delete_attachment` are queued until `flush()`; small
