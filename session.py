@@ -551,17 +551,22 @@ class Session(object):
         """Iterate over a view in batches of ``batch`` rows, with rows as
         in `view`: one request per batch, and with ``include_docs=True``
         one ``POST _bulk_get`` more for the documents of the batch the
-        session does not hold yet."""
+        session does not hold yet (a view without any row is asked again
+        with ``include_docs``: a reduce is the server's to refuse)."""
         docs, without = _docs_apart(options)
         rows = self._db.iterview(name, batch, **without)
+        first = True
         while docs:
             # islice(rows, batch) takes a batch without asking for the next.
             chunk = list(_itertools.islice(rows, max(batch, 1)))
-            if not chunk:
-                return
-            if _reduced(chunk):
+            if _reduced(chunk) or first and not chunk:
+                # A reduce is the server's to answer (or refuse) asked with
+                # include_docs; rows alone do not tell one without rows.
                 rows, docs = self._db.iterview(name, batch, **options), False
                 break
+            if not chunk:
+                return
+            first = False
             for row, doc in zip(chunk, self._docs_of_rows(chunk, name)):
                 row = self._row(row, wrapper, doc)
                 if row is not None:
@@ -1429,8 +1434,10 @@ class _ViewResults(object):
         """The list of rows (the request is made on first use)."""
         if self._rows is None:
             session, rows = self._session, self._results.rows
-            if self._docs and _reduced(rows):
-                # The server is to answer include_docs of a reduce.
+            if self._docs and (_reduced(rows) or not rows and
+                               self._results.total_rows is None):
+                # The server is to answer include_docs of a reduce (its
+                # answer has no total_rows, even without rows).
                 self._results = session._db.view(self._name, **dict(
                     self._options, include_docs=True))
                 rows, self._docs = self._results.rows, False

@@ -939,6 +939,35 @@ def test_find_reads_only_the_documents_the_session_lacks(db, wire):
     assert wire.calls() == [('POST', '_find')]
 
 
+@pytest.mark.parametrize('options', [{}, {'key': 'none'},
+                                     {'keys': ['none']}])
+def test_include_docs_of_a_reduce_without_rows_is_refused_as_by_the_server(
+        db, options):
+    """A reduce asked with include_docs is the server's to refuse (CouchDB:
+    400, "include_docs is invalid for reduce") whether or not it has rows
+    for what was asked: view and iterview give what python-couchdb gives,
+    not an empty list."""
+    db['_design/r'] = {'views': {'sum': {
+        'map': 'function (doc) { if (doc.v) emit(doc._id, 1); }',
+        'reduce': '_sum'}}}
+    put(db, 'a', w=1)                   # no rows: nothing emits
+
+    def outcome(rows):
+        try:
+            return [dict(row) for row in rows()]
+        except couchdb.HTTPError as exc:
+            return type(exc)
+    theirs = outcome(lambda: db.view('r/sum', include_docs=True, **options))
+    assert isinstance(theirs, type)     # the server refuses
+    S = Session(db)
+    assert outcome(lambda: S.view('r/sum', include_docs=True,
+                                  **options)) == theirs
+    if 'keys' not in options:           # python-couchdb pages by startkey
+        assert outcome(lambda: S.iterview('r/sum', 10, include_docs=True,
+                                          **options)) == outcome(
+            lambda: db.iterview('r/sum', 10, include_docs=True, **options))
+
+
 # -- Change tracking ----------------------------------------------------------
 
 # Each mutation runs against a plain deep copy and against a tracked
