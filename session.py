@@ -1476,10 +1476,14 @@ def _doc_key(row, name):
     ``_all_docs`` for a deleted document or a missing key)."""
     value = row.get('value')
     if isinstance(value, dict):
-        if isinstance(value.get('_id'), str):
+        if '_id' in value or '_rev' in value:
+            # CouchDB's rule: "_id": null links to nothing; a "_rev" alone
+            # is a revision of the row's own document.
+            id = value.get('_id', row.get('id'))
+            if not isinstance(id, str):
+                return None
             rev = value.get('_rev')
-            return (value['_id'], rev) if isinstance(rev, str) else \
-                value['_id']
+            return (id, rev) if isinstance(rev, str) else id
         if name == '_all_docs' and value.get('deleted'):
             return None
     return row.get('id')

@@ -867,6 +867,23 @@ def test_view_with_docs_reads_the_revision_a_link_names(db, linking):
     assert row.doc is held
 
 
+def test_view_with_docs_follows_couchdbs_rules_for_odd_links(db):
+    """A value {"_id": null} includes no document; {"_rev": rev} alone
+    includes that revision of the row's own document (CouchDB's rules;
+    PouchDB Server's include_docs differs)."""
+    db['_design/odd'] = {'views': {'links': {'map': '''function (doc) {
+        if (doc.none) emit('none', {_id: null});
+        if (doc.old) emit('old', {_rev: doc.old});
+    }'''}}}
+    put(db, 'n', none=True)
+    first = put(db, 'o', v=1)
+    change(db, 'o', v=2, old=first.rev)
+    rows = dict((row.key, row) for row in Session(db).view(
+        'odd/links', include_docs=True))
+    assert rows['none'].doc is None
+    assert rows['old'].doc['v'] == 1 and rows['old'].doc.rev == first.rev
+
+
 def test_view_options_that_shape_documents_leave_them_to_the_server(
         db, design, wire):
     """With conflicts, attachments or att_encoding_info the server
