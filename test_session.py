@@ -7760,6 +7760,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.held = {}
         self.refs = []
         self.unsure = set()
+        self.refused = False    # whether `unsure` comes of refused connections
         self.landed = {}
         self.sent = {}              # {id: what the broken flush sent}
         self.created = []           # generated ids
@@ -8271,6 +8272,7 @@ class SessionMachine(RuleBasedStateMachine):
           bulk_only=st.booleans())
     def flush_through_a_fault(self, action, times, bulk_only):
         """A flush whose next request(s) fail (rule 6)."""
+        self.refused = action == 'refuse'
         if action == 'refuse':
             self.forwarder.mode = 'refuse'
         else:
@@ -8314,6 +8316,19 @@ class SessionMachine(RuleBasedStateMachine):
         return outcomes
 
     def expect_outcomes(self, id, policy, choice):
+        outcomes = self.expect_outcomes_once(id, policy, choice)
+        if id in self.unsure and self.refused and id not in self.landed:
+            # Refused connections are an answer: the session knows the
+            # broken flush sent nothing, unless a connection it had pooled
+            # was closed too late for it to see (then it is unsure).
+            self.unsure.discard(id)
+            try:
+                outcomes += self.expect_outcomes_once(id, policy, choice)
+            finally:
+                self.unsure.add(id)
+        return outcomes
+
+    def expect_outcomes_once(self, id, policy, choice):
         held = self.held[id]
         version = self.server.get(id)
         mine, mine_atts = held.mine()
@@ -8607,6 +8622,8 @@ class SessionMachine(RuleBasedStateMachine):
             self.landed = {}
             self.sent = dict((id, mine) for id, mine in self.sent.items()
                              if id in self.unsure)
+            if not self.unsure:
+                self.refused = False
 
     def halfway(self, id, outcomes):
         """A broken flush may have done the bulk write but not the upload
