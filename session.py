@@ -1600,9 +1600,19 @@ def _drop_closed(pool, url):
         idle = pool.conns.get((parts.scheme, parts.netloc)) or []
         for conn in list(idle):
             sock = getattr(conn, 'sock', None)
-            if sock is not None and _select.select([sock], [], [], 0)[0]:
+            if sock is not None and _readable(sock):
                 idle.remove(conn)
                 conn.close()
+
+
+def _readable(sock):
+    """Whether ``sock`` has something to read now (poll() where there is
+    one: select() cannot watch descriptors past FD_SETSIZE, 1024)."""
+    if hasattr(_select, 'poll'):
+        poller = _select.poll()
+        poller.register(sock, _select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(_select.select([sock], [], [], 0)[0])
 
 
 def _counted_database(db, budget):
@@ -3527,8 +3537,9 @@ class _FlushPlan(object):
                 self.uploads.append(entry)
 
     def __bool__(self):
+        # A document refused before sending is work too: its outcome.
         return bool(self.deleted or self.created or self.changed or
-                    self.uploads or self.resolved)
+                    self.uploads or self.resolved or self.problems)
 
     def entry(self, id):
         return self._by_id[id]

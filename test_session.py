@@ -2363,6 +2363,9 @@ def test_a_clash_leaves_the_document_unresolved(db):
     siblings(db, 'a', {'v': 'one'}, {'v': 'two'}, v=0)
     S = Session(db)
     S.resolve_conflicts('a')
+    with pytest.raises(FlushError) as caught:
+        S.flush()                       # the clash alone
+    assert list(caught.value.failures) == ['a']
     S.create({'_id': 'other'})
     with pytest.raises(FlushError) as caught:
         S.flush()
@@ -3832,6 +3835,85 @@ def test_merge_of_values_equal_in_python_but_not_in_json(db, values, place):
                           couchdb.ResourceConflict)
         assert same(dict(db[id]), theirs)
         assert same(doc.copy(), mine) and S.has_changes()
+
+
+# The examples of the property test of resolving replication conflicts.
+RESOLVE_EXAMPLES = 400 if os.environ.get('SESSION_SOAK') == '1' else 40
+
+
+@settings(max_examples=RESOLVE_EXAMPLES, **SETTINGS)
+@given(content=merge_documents, data=st.data())
+def test_resolving_replication_conflicts_is_the_three_way_merge_or_a_clash(
+        db, server_url, forwarder, content, data):
+    """Two or three leaves edited apart from one version, the user's own
+    edits on the winner, resolve_conflicts() and a flush (whose first or
+    second request may lose its answer): the server ends holding the
+    three-way merge of every leaf with no conflicts left, or, where two
+    leaves changed a value differently, reports the clash and keeps every
+    leaf as it was."""
+    id, base = save(db, content)
+    digest = base['_rev'].split('-')[1]
+    leaves = []
+    for n in range(data.draw(st.integers(2, 3), label='leaves')):
+        leaf = copy.deepcopy(base)
+        for _ in range(data.draw(st.integers(0, 3))):
+            edit = draw_edit(data, leaf)
+            note('leaf %d: %s' % (n, describe_edit(edit)))
+            apply_edit(leaf, edit)
+        hash = ('%x' % (n + 1)) * 32
+        leaf['_rev'] = '2-' + hash
+        db.update([dict(leaf, _revisions={'start': 2, 'ids': [hash, digest]})],
+                  new_edits=False)
+        leaves.append(body(leaf))
+    S = Session(through(forwarder, db, server_url))
+    doc = S[id]
+    mine = copy.deepcopy(leaves[-1])        # the winner: the greatest hash
+    assert same(body(doc.copy()), mine, exact_numbers=False)
+    mine = body(doc.copy())                 # as the server keeps numbers
+    for _ in range(data.draw(st.integers(0, 2))):
+        edit = draw_edit(data, mine)
+        note('mine: %s' % describe_edit(edit))
+        apply_edit(doc, edit)
+        apply_edit(mine, edit)
+    S.resolve_conflicts(doc)
+    try:
+        expected = mine
+        for loser in leaves[:-1]:
+            expected = three_way(body(base), expected, loser)
+        note('model: merged into %r' % (expected,))
+    except ModelConflict as clash:
+        note('model: clash at %s' % clash)
+        expected = clash
+    fault = data.draw(st.sampled_from([None, 1, 2]), label='lost answer')
+    posts, live = [], [True]
+
+    def nth(method, path):
+        if live[0] and is_bulk_docs(method, path):
+            posts.append(path)
+            return len(posts) == fault
+        return False
+    if fault:
+        forwarder.fail('drop_answer', when=nth, times=1)
+    try:
+        S.flush()
+        error = None
+    except FlushError as exc:
+        error = exc
+    finally:
+        live[0] = False             # a rule left unused matches no more
+    after = db.get(id, conflicts=True)
+    if isinstance(expected, ModelConflict):
+        event('clash')
+        assert error is not None and list(error.failures) == [id], (
+            content, leaves, mine)
+        assert len(leaf_values(db, id)) == len(leaves)
+        assert same(content_of(after), leaves[-1], exact_numbers=False)
+    else:
+        event('merged')
+        assert error is None, error
+        assert '_conflicts' not in after
+        assert same(content_of(after), expected, exact_numbers=False)
+        assert not S.has_changes()
 
 
 # -- Failures and conflicts ---------------------------------------------------
