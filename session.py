@@ -3527,8 +3527,10 @@ class _FlushPlan(object):
                 self.uploads.append(entry)
 
     def __bool__(self):
+        # A problem (a clash, a value refused) is work too: it must reach
+        # the flush's outcomes, to be reported.
         return bool(self.deleted or self.created or self.changed or
-                    self.uploads or self.resolved)
+                    self.uploads or self.resolved or self.problems)
 
     def entry(self, id):
         return self._by_id[id]
