@@ -2596,6 +2596,38 @@ def test_a_loser_is_not_deleted_when_the_winner_was_deleted_meanwhile(db):
     assert db.get('a') is not None and db['a']['x'] == 1
 
 
+def test_resolving_a_document_read_before_a_sibling_won_merges_the_winner(db):
+    """The session read the document while its revision won; replication
+    then brought a sibling that wins. resolve_conflicts() must fold that
+    winner in too: after the flush the document has no conflicts left and
+    holds every leaf's content."""
+    db['a'] = {'s': 0}
+    first = db['a'].rev.split('-')[1]
+
+    def leaf(digest, **content):
+        db.update([dict(content, _id='a', _rev='2-' + digest, _revisions={
+            'start': 2, 'ids': [digest, first]})], new_edits=False)
+    leaf('1' * 32, s=0, mid=1)
+    S = Session(db)
+    S['a']['mine'] = 1
+    leaf('f' * 32, s=0, theirs=1)
+    S.resolve_conflicts('a')
+    S.flush()
+    assert list(leaf_values(db, 'a').values()) == [
+        {'s': 0, 'mid': 1, 'mine': 1, 'theirs': 1}]
+
+
+def test_a_resolve_function_returning_a_deletion_deletes_the_document(db):
+    """resolve() returning {'_deleted': True} deletes the document: after
+    the flush the session no longer gives it out as a live document."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(db)
+    S.resolve_conflicts('a', resolve=lambda w, l, b: {'_deleted': True})
+    S.flush()
+    assert db.get('a') is None
+    assert S.get('a') is None
+
+
 # -- Friendliness -------------------------------------------------------------
 
 def test_tracked_documents_work_with_ordinary_code(db):
