@@ -3537,7 +3537,8 @@ class _FlushPlan(object):
                 self.uploads.append(entry)
 
     def __bool__(self):
-        # A document refused before sending is work too: its outcome.
+        # A problem (a clash, a value refused) is work too: it must reach
+        # the flush's outcomes, to be reported.
         return bool(self.deleted or self.created or self.changed or
                     self.uploads or self.resolved or self.problems)
 
@@ -3759,6 +3760,8 @@ class _Flush(object):
         self.splits = 0         # requests spent finding refused documents
         self.failures = {}      # id: exception, of the refused documents
         self.plan = None        # the plan of the round being written
+        self.chosen = set()     # ids whose content an on_conflict function
+        #                         chose: losers of theirs may be missing
         self.outcomes = {}      # id: new rev or exception, in that round
         self.wrote = {}         # id: rev, of what that round wrote (a
         #                         document refused in the end may have
@@ -3925,6 +3928,21 @@ class _Flush(object):
         ``POST _bulk_docs`` per `Session.batch_size` losers; a deletion
         the server answers with a conflict is done if the leaf is no
         longer there (the answer to an earlier one was lost)."""
+        for entry in plan.resolved:
+            if not entry.losers:
+                continue
+            if entry.id in self.chosen:
+                # An on_conflict function chose what the server holds: the
+                # losers' content may not be in it. They stay, unresolved.
+                entry.losers = None
+            elif entry.doc is not None:
+                # Never the revision the document now is (a loser the
+                # server made the winner meanwhile): that deletes it.
+                rev = entry.subject.get('_rev')
+                entry.losers = [loser for loser in entry.losers
+                                if loser != rev] or None
+            if not entry.losers and entry.map is not None:
+                self.map.wait(entry)
         ready = [entry for entry in plan.resolved if entry.losers and
                  entry.clash is None and not isinstance(
                      self.outcomes.get(entry.id), Exception) and
@@ -4355,6 +4373,7 @@ class _Flush(object):
             content = self.on_conflict(*[None if side is None else
                                          _plain(side) for side in
                                          (mine, theirs, base)])
+            self.chosen.add(entry.id)
             if content is None:
                 return None
             problem = self.refusal_of(entry, content)

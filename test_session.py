@@ -2287,6 +2287,18 @@ def test_session_size_options_are_checked(db):
     assert Session(db).batch_size == 10000
 
 
+def test_iterdocs_cursor_holds_about_one_batch_of_equal_keys(db, by_group):
+    """Memory and the checkpoint stay bounded by the batch, not by how many
+    rows share a key: the cursor (recorded in the checkpoint after each
+    batch) does not keep the id of every row of a key read so far."""
+    numbered(db, 90)
+    it = Session(db).iterdocs('g/by_group', batch=5, checkpoint='j')
+    for doc in itertools.islice(it, 26):
+        pass
+    cursor = db['_local/session-checkpoint-j']['cursor']
+    assert len(cursor['seen']) <= 5 + 1
+
+
 # -- Replication conflicts -----------------------------------------------------
 
 def siblings(db, id, *leaves, **base):
@@ -2546,6 +2558,77 @@ def test_replicated_conflicts_are_resolved(server_url, db):
         assert content_of(doc) == {'shared': 0, 'mine': 1, 'theirs': 1}
     finally:
         del server[name]
+
+
+def test_a_clash_alone_is_reported_and_keeps_the_users_changes(db):
+    """A clash is reported by flush() even when nothing else is pending,
+    and the user's own changes to the document are not dropped in
+    silence."""
+    siblings(db, 'a', {'v': 'one'}, {'v': 'two'}, v=0)
+    S = Session(db)
+    S['a']['mine'] = 1
+    S.resolve_conflicts('a')
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['a']
+    assert '/v' in str(caught.value.failures['a'])
+    assert len(leaf_values(db, 'a')) == 2
+
+
+def test_a_loser_is_not_deleted_when_on_conflict_drops_its_content(db):
+    """Another writer moves the winner, and an on_conflict function keeps
+    the server's version: the resolution (with the loser's content) was not
+    written, so the loser must stay."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(db, on_conflict=lambda mine, theirs, base: theirs)
+    S.resolve_conflicts('a')
+    change(db, 'a', z='theirs')
+    S.flush()
+    assert any(value.get('x') == 1 for value in leaf_values(db, 'a').values())
+
+
+def test_a_loser_is_not_deleted_when_the_winner_was_deleted_meanwhile(db):
+    """Another writer deletes the winner between resolve_conflicts() and
+    flush(): the loser becomes the document; the flush must not delete it,
+    leaving no document at all."""
+    siblings(db, 'a', {'x': 1, 's': 0}, {'y': 1, 's': 0}, s=0)
+    S = Session(db, on_conflict='merge')
+    S.resolve_conflicts('a')
+    db.delete(db['a'])
+    S.flush()
+    assert db.get('a') is not None and db['a']['x'] == 1
+
+
+def test_resolving_a_document_read_before_a_sibling_won_merges_the_winner(db):
+    """The session read the document while its revision won; replication
+    then brought a sibling that wins. resolve_conflicts() must fold that
+    winner in too: after the flush the document has no conflicts left and
+    holds every leaf's content."""
+    db['a'] = {'s': 0}
+    first = db['a'].rev.split('-')[1]
+
+    def leaf(digest, **content):
+        db.update([dict(content, _id='a', _rev='2-' + digest, _revisions={
+            'start': 2, 'ids': [digest, first]})], new_edits=False)
+    leaf('1' * 32, s=0, mid=1)
+    S = Session(db)
+    S['a']['mine'] = 1
+    leaf('f' * 32, s=0, theirs=1)
+    S.resolve_conflicts('a')
+    S.flush()
+    assert list(leaf_values(db, 'a').values()) == [
+        {'s': 0, 'mid': 1, 'mine': 1, 'theirs': 1}]
+
+
+def test_a_resolve_function_returning_a_deletion_deletes_the_document(db):
+    """resolve() returning {'_deleted': True} deletes the document: after
+    the flush the session no longer gives it out as a live document."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(db)
+    S.resolve_conflicts('a', resolve=lambda *sides: {'_deleted': True})
+    S.flush()
+    assert db.get('a') is None
+    assert S.get('a') is None
 
 
 # -- Friendliness -------------------------------------------------------------
