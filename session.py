@@ -4824,11 +4824,22 @@ def _check_attachments(base, theirs, pending):
     changes = pending.changes
     if not changes:
         return
-    if theirs is None:
-        raise _MergeConflict('deleted on one side and its attachments '
-                             'changed on the other')
     base = base or {}
     before = base.get('_attachments') or {}
+    if theirs is None:
+        # Deleted on the server: a clash, unless the session only put back
+        # what the base had (no change of its own, as for a field).
+        for filename, attachment in changes.items():
+            known = before.get(filename, {}).get('digest') or \
+                (pending.digests or {}).get(filename)
+            if attachment is None if filename not in before else \
+                    attachment is not None and known is not None and \
+                    attachment.digest() == known:
+                continue
+            raise _MergeConflict('deleted on one side and its attachments '
+                                 'changed on the other')
+        changes.clear()
+        return
     after = theirs.get('_attachments') or {}
     # A stub's revpos is the generation that last wrote the attachment.
     generation = _generation(base.get('_rev'))

@@ -6039,6 +6039,20 @@ def test_a_write_on_connections_the_server_closed_is_no_lost_answer(
     assert S.has_changes()
 
 
+def test_merge_with_a_deletion_of_an_attachment_put_back_as_it_was(db):
+    """'merge': an attachment the session puts again with the content it
+    has is no change of its own; another writer's deletion of the document
+    stands, with no conflict."""
+    S = Session(db)
+    S['a'] = {'v': 1}
+    S.put_attachment(S['a'], b'same', 'f.bin', 'application/octet-stream')
+    S.flush()
+    S.put_attachment(S['a'], b'same', 'f.bin', 'application/octet-stream')
+    db.delete(db['a'])
+    S.flush(on_conflict='merge')
+    assert 'a' not in db and not S.has_changes()
+
+
 # -- Attachments --------------------------------------------------------------
 #
 # `put_attachment` and `delete_attachment` are queued until `flush()`; small
