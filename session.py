@@ -705,14 +705,21 @@ class Session(object):
             raise ValueError("resolve must be 'merge' or a function, got %r"
                              % (resolve,))
         entry = self._live(doc_or_id)
-        _, losers = self._leaves(entry.id)
+        winner, losers = self._leaves(entry.id)
         entry.clash = None
+        # The session's document may be at a losing leaf (a sibling won
+        # since it was read): then every other leaf is to fold in.
+        own = entry.subject.get('_rev')
+        leaves = [winner] + losers
+        ours = next((leaf for leaf in leaves if leaf['_rev'] == own), winner)
+        losers = sorted((leaf for leaf in leaves if leaf is not ours and
+                         not leaf.get('_deleted')), key=_winning_rev)
         if not losers:
             entry.losers = None
             return
         mine = _conflict_side(entry.subject)
         for loser in losers:
-            base = self._ancestor(entry, loser)
+            base = self._ancestor(entry, ours, loser)
             theirs = _conflict_side(loser)
             if resolve == 'merge':
                 try:
@@ -730,6 +737,11 @@ class Session(object):
                                   None if base is None else _plain(base))
                 if content is None:
                     entry.losers = None
+                    return
+                if isinstance(content, dict) and content.get('_deleted'):
+                    # The document goes, its losing leaves with it.
+                    self._delete_entry(entry)
+                    entry.losers = [leaf['_rev'] for leaf in losers]
                     return
                 mine = _conflict_side(_copy_in(content))
         revision = entry.subject.get('_rev')
@@ -762,12 +774,11 @@ class Session(object):
             entry.leaves = (winner, losers)
         return winner, losers
 
-    def _ancestor(self, entry, loser):
-        """The body of the nearest common ancestor of the session's
-        document and ``loser``, or ``None`` (no common history, or
-        compacted away)."""
-        winner = entry.leaves[0] if entry.leaves else None
-        rev = _common_revision(winner, loser)
+    def _ancestor(self, entry, ours, loser):
+        """The body of the nearest common ancestor of the leaf ``ours``
+        (the session's document's) and ``loser``, or ``None`` (no common
+        history, or compacted away)."""
+        rev = _common_revision(ours, loser)
         if rev is None:
             return None
         base = self._db.get(entry.id, rev=rev)
@@ -1178,7 +1189,7 @@ class Session(object):
         `resolve_conflicts`). No request is made."""
         # A document whose last write's answer was lost is sent again.
         return any(e.state is _NEW or e.state is _DELETED or
-                   e.attachments.changes or e.losers
+                   e.attachments.changes or e.losers or e.clash
                    or e.sent is not None or e.diff()
                    for e in list(self._map.pending.values()))
 
@@ -1899,7 +1910,9 @@ class _DocIterator(object):
         if record is None:
             return
         if record.get('view') != self.name or \
-                record.get('options') != _plain(self.options):
+                record.get('options') != _plain(self.options) or \
+                record.get('design_docs', False) != (not self.skip_design and
+                                                     self.name == '_all_docs'):
             raise ValueError(
                 'iterdocs() checkpoint %r was recorded for view %r with '
                 'options %r, not for %r with %r: give this job a name of its '
@@ -1918,6 +1931,8 @@ class _DocIterator(object):
         if self.checkpoint is None:
             return
         body = {'view': self.name, 'options': _plain(self.options),
+                'design_docs': not self.skip_design and
+                self.name == '_all_docs',
                 'done': self.done, 'total': self.total,
                 'finished': finished, 'cursor': self.cursor.state()}
         body['_id'] = self.checkpoint
