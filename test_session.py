@@ -2287,9 +2287,9 @@ def test_session_size_options_are_checked(db):
     assert Session(db).batch_size == 10000
 
 
-@pytest.mark.xfail(strict=True, reason='known: the cursor keeps the ids read '
-                   'under the current key, so memory and the checkpoint grow '
-                   'with the largest group of equal keys (see the README)')
+@pytest.mark.xfail(reason='known: the cursor keeps the ids read under the '
+                   'current key, so memory and the checkpoint grow with the '
+                   'largest group of equal keys (see the README)')
 def test_iterdocs_cursor_holds_about_one_batch_of_equal_keys(db, by_group):
     """Memory and the checkpoint stay bounded by the batch, not by how many
     rows share a key: the cursor (recorded in the checkpoint after each
