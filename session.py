@@ -718,8 +718,10 @@ class Session(object):
             entry.losers = None
             return
         mine = _conflict_side(entry.subject)
+        merged = [ours]                 # the leaves folded in so far
         for loser in losers:
-            base = self._ancestor(entry, ours, loser)
+            base = self._ancestor(entry, merged, loser)
+            merged.append(loser)
             theirs = _conflict_side(loser)
             if resolve == 'merge':
                 try:
@@ -774,11 +776,13 @@ class Session(object):
             entry.leaves = (winner, losers)
         return winner, losers
 
-    def _ancestor(self, entry, ours, loser):
-        """The body of the nearest common ancestor of the leaf ``ours``
-        (the session's document's) and ``loser``, or ``None`` (no common
-        history, or compacted away)."""
-        rev = _common_revision(ours, loser)
+    def _ancestor(self, entry, merged, loser):
+        """The body of the nearest common ancestor of ``loser`` and the
+        leaves ``merged`` into the session's document so far, or ``None``
+        (no common history, or compacted away)."""
+        revs = [rev for rev in (_common_revision(leaf, loser)
+                                for leaf in merged) if rev is not None]
+        rev = max(revs, key=_generation) if revs else None
         if rev is None:
             return None
         base = self._db.get(entry.id, rev=rev)

@@ -2634,6 +2634,30 @@ def test_a_resolve_function_returning_a_deletion_deletes_the_document(db):
     assert S.get('a') is None
 
 
+def test_each_loser_merges_on_its_nearest_ancestor_with_what_was_folded(db):
+    """Two losers below a shared revision C, the winner on another branch:
+    the second loser merges on C (its ancestor with the first, folded in
+    already), so its undoing of C's change is kept, not lost."""
+    db['a'] = {'f': 0}
+    root = db['a'].rev.split('-')[1]
+
+    def write(rev, history, **content):
+        db.update([dict(content, _id='a', _rev=rev, _revisions={
+            'start': int(rev[0]), 'ids': history})], new_edits=False)
+    c, w = 'c' * 32, 'e' * 32
+    write('2-' + c, [c, root], f=1)
+    write('2-' + w, [w, root], f=0)
+    write('3-' + 'a' * 32, ['a' * 32, c, root], f=1, x=1)
+    write('3-' + 'b' * 32, ['b' * 32, c, root], f=0)
+    write('3-' + 'f' * 32, ['f' * 32, w, root], f=0, w=1)
+    S = Session(db)
+    S.resolve_conflicts('a')
+    S.flush()
+    doc = db.get('a', conflicts=True)
+    assert '_conflicts' not in doc
+    assert content_of(doc) == {'f': 0, 'w': 1, 'x': 1}
+
+
 # -- Friendliness -------------------------------------------------------------
 
 def test_tracked_documents_work_with_ordinary_code(db):
