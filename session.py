@@ -750,7 +750,11 @@ class Session(object):
         # A copy: the version fetched may be the document itself, which
         # takes the merged content.
         fetched = _plain(entry.merge_base())
+        # A write whose answer was lost stays one: the next flush may find
+        # it on the server.
+        sent, carried = entry.sent, entry.carried
         self._map.rebase(entry, mine, revision, fetched)
+        entry.sent, entry.carried = sent, carried
         entry.losers = [loser['_rev'] for loser in losers]
 
     def _leaves(self, doc_or_id):

@@ -2658,6 +2658,24 @@ def test_each_loser_merges_on_its_nearest_ancestor_with_what_was_folded(db):
     assert content_of(doc) == {'f': 0, 'w': 1, 'x': 1}
 
 
+def test_resolving_after_a_lost_answer_recognises_the_write(db, remote,
+                                                            forwarder):
+    """A write whose answer was lost (it landed), then resolve_conflicts()
+    and a plain flush: the session finds its own write, writes the merge
+    over it and deletes the loser; no conflict is reported."""
+    siblings(db, 'a', {'x': 1}, {'y': 1})
+    S = Session(remote)
+    S['a']['mine'] = 1
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    S.resolve_conflicts('a')
+    S.flush()
+    doc = db.get('a', conflicts=True)
+    assert '_conflicts' not in doc
+    assert content_of(doc) == {'x': 1, 'y': 1, 'mine': 1}
+
+
 # -- Friendliness -------------------------------------------------------------
 
 def test_tracked_documents_work_with_ordinary_code(db):
