@@ -8568,6 +8568,12 @@ class SessionMachine(RuleBasedStateMachine):
             # writer before it: the session cannot tell it from its own.
             return self.expect_plainly(id, held, version, policy, choice) + \
                 self.expect_settling(id, held, version, mine, mine_atts)
+        if id in self.unsure and sent is not None and sent[0] is ABSENT and \
+                version is not None and version.body is None:
+            # The broken flush sent a deletion, and the server holds one,
+            # the writer's: the session cannot tell it from its own either.
+            return self.expect_plainly(id, held, version, policy, choice) + \
+                self.expect_settling(id, held, version, mine, mine_atts)
         if id in self.unsure and held.kind == 'deleted by id':
             # Created, sent by a broken flush that did not reach the server,
             # deleted: reported as missing, or not (rule 10).
