@@ -640,15 +640,11 @@ class Session(object):
             partial = 'fields' in mango_query
         else:
             query = dict(mango_query, fields=['_id'])
-            ids = [doc['_id'] for doc in self._db.find(query)]
-            fetched = _read_many(self._db, [
-                id for id in dict.fromkeys(ids) if id not in held])
-            found, partial = [], False
-            for id in ids:
-                doc = held[id].doc if id in held else \
-                    fetched.get(id, (None, None))[1]
-                if doc is not None:     # else deleted since it was found
-                    found.append(doc if id in held else _Document(doc))
+            rows = [{'id': doc['_id']} for doc in self._db.find(query)]
+            # None for a document deleted since it was found.
+            found = [doc for doc in self._docs_of_rows(rows, None)
+                     if doc is not None]
+            partial = False
         for doc in found:
             entry = held.get(doc.get('_id'))
             if entry is not None and entry.state is _DELETED:
@@ -712,8 +708,7 @@ class Session(object):
         own = entry.subject.get('_rev')
         leaves = [winner] + losers
         ours = next((leaf for leaf in leaves if leaf['_rev'] == own), winner)
-        losers = sorted((leaf for leaf in leaves if leaf is not ours and
-                         not leaf.get('_deleted')), key=_winning_rev)
+        losers = _losing(leaves, ours)
         if not losers:
             entry.losers = None
             return
@@ -767,15 +762,12 @@ class Session(object):
                 entry.doc is not None and \
                 entry.leaves[0]['_rev'] == entry.subject.get('_rev'):
             return entry.leaves
-        answer = self._db.get(id, open_revs='all', revs='true') or []
-        leaves = [item['ok'] for item in answer
-                  if isinstance(item, dict) and isinstance(item.get('ok'),
-                                                           dict)]
+        leaves = _leaf_docs(self._db.get(id, open_revs='all',
+                                         revs='true') or [])
         if not leaves:
             raise _ResourceNotFound(('not_found', 'missing'))
         winner = max(leaves, key=_winning)
-        losers = sorted((leaf for leaf in leaves if leaf is not winner and
-                         not leaf.get('_deleted')), key=_winning_rev)
+        losers = _losing(leaves, winner)
         if entry is not None and entry.doc is not None:
             entry.leaves = (winner, losers)
         return winner, losers
@@ -1706,7 +1698,7 @@ def _distinct_batches(keys):
     with one result for both."""
     batches, first = [], 0          # batches[first:] may have room
     for key in keys:
-        id = key[0] if type(key) is tuple else key
+        id = _key_id(key)
         for batch, ids in batches[first:]:
             if id not in ids and len(batch) < _READ_BATCH:
                 break
@@ -1733,8 +1725,7 @@ def _bulk_get(db, keys, tombstones):
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
-        leaves = [doc['ok'] for doc in results.get(_key_id(key), ())
-                  if isinstance(doc.get('ok'), dict)]
+        leaves = _leaf_docs(results.get(_key_id(key), ()))
         if leaves:
             doc = leaves[0] if len(leaves) == 1 else max(leaves, key=_winning)
             found[key] = (doc['_rev'], None if doc.get('_deleted') else doc)
@@ -1753,8 +1744,28 @@ def _winning(doc):
     """The order in which CouchDB picks the current revision of a document
     among its leaves: a live one before a deleted one, then the longest
     history, then the greatest revision hash."""
-    generation, _, digest = doc['_rev'].partition('-')
-    return not doc.get('_deleted'), int(generation), digest
+    return (not doc.get('_deleted'),) + _winning_rev(doc)
+
+
+def _winning_rev(leaf):
+    """The order of revisions: the shorter history first, then the smaller
+    hash (so, of leaves, the oldest first)."""
+    generation, _, digest = leaf['_rev'].partition('-')
+    return int(generation), digest
+
+
+def _leaf_docs(items):
+    """The documents of an answer listing leaves (``[{"ok": doc}, ...]``,
+    of ``open_revs`` or ``_bulk_get``), without its errors and missing
+    revisions."""
+    return [item['ok'] for item in items
+            if isinstance(item, dict) and isinstance(item.get('ok'), dict)]
+
+
+def _losing(leaves, ours):
+    """The live leaves but ``ours``, oldest first."""
+    return sorted((leaf for leaf in leaves if leaf is not ours and
+                   not leaf.get('_deleted')), key=_winning_rev)
 
 
 def _read_without_bulk_get(db, keys):
@@ -1821,6 +1832,9 @@ class _DocIterator(object):
         self.batch = batch
         self.options = options
         self.skip_design = name == '_all_docs' and not design
+        # What a checkpoint records of the job, to refuse it to another.
+        self.job = {'view': name, 'options': _plain(options),
+                    'design_docs': name == '_all_docs' and bool(design)}
         self.checkpoint = None if checkpoint is None else \
             _CHECKPOINT % checkpoint
         self.checkpoint_rev = None
@@ -1917,10 +1931,8 @@ class _DocIterator(object):
         record = self.session._db.get(self.checkpoint)
         if record is None:
             return
-        if record.get('view') != self.name or \
-                record.get('options') != _plain(self.options) or \
-                record.get('design_docs', False) != (not self.skip_design and
-                                                     self.name == '_all_docs'):
+        if dict((name, record.get(name, False if name == 'design_docs' else
+                                  None)) for name in self.job) != self.job:
             raise ValueError(
                 'iterdocs() checkpoint %r was recorded for view %r with '
                 'options %r, not for %r with %r: give this job a name of its '
@@ -1938,12 +1950,9 @@ class _DocIterator(object):
         """Record the position after the batch just written."""
         if self.checkpoint is None:
             return
-        body = {'view': self.name, 'options': _plain(self.options),
-                'design_docs': not self.skip_design and
-                self.name == '_all_docs',
-                'done': self.done, 'total': self.total,
-                'finished': finished, 'cursor': self.cursor.state()}
-        body['_id'] = self.checkpoint
+        body = dict(self.job, _id=self.checkpoint, done=self.done,
+                    total=self.total, finished=finished,
+                    cursor=self.cursor.state())
         if self.checkpoint_rev is not None:
             body['_rev'] = self.checkpoint_rev
         self.checkpoint_rev = self.session._db.save(body)[1]
@@ -2027,12 +2036,11 @@ class _ViewCursor(object):
             return rows
 
     def is_anchor(self, row):
-        return row.get('id') == self.anchor and \
-            _same(row.get('key'), self.key, loose_numbers=True)
+        return row.get('id') == self.anchor and _same_key(row, self.key)
 
     def read_already(self, row):
         return self.anchor is not None and row.get('id') in self.seen and \
-            _same(row.get('key'), self.key, loose_numbers=True)
+            _same_key(row, self.key)
 
     def move(self, rows):
         """Put the cursor after ``rows``, the page just read."""
@@ -2042,19 +2050,21 @@ class _ViewCursor(object):
             return
         last = rows[-1]
         key = last.get('key')
-        same = self.anchor is not None and \
-            _same(key, self.key, loose_numbers=True)
-        before = sum(1 for row in rows[:-1]
-                     if _same(row.get('key'), key, loose_numbers=True))
-        if same:
-            self.seen.update(row['id'] for row in rows if _same(
-                row.get('key'), key, loose_numbers=True))
+        ids = [row['id'] for row in rows if _same_key(row, key)]
+        before = len(ids) - 1       # the rows of the key before the last
+        if self.anchor is not None and _same_key(last, self.key):
+            self.seen.update(ids)
             self.skip = self.skip + before if self.ignores_docid else 0
         else:
-            self.seen = set(row['id'] for row in rows if _same(
-                row.get('key'), key, loose_numbers=True))
+            self.seen = set(ids)
             self.skip = before if self.ignores_docid else 0
         self.key, self.anchor = key, last['id']
+
+
+def _same_key(row, key):
+    """Whether view row ``row`` has the key ``key`` (numbers by value, as
+    the server collates them)."""
+    return _same(row.get('key'), key, loose_numbers=True)
 
 
 def _count_rows(db, name, options, skip_design):
@@ -4010,10 +4020,10 @@ class _Flush(object):
     def loser_gone(self, entry, rev):
         """Whether the losing leaf ``rev`` of ``entry``'s document is no
         longer a live leaf (one ``GET ?open_revs=all``)."""
-        leaves = self.session._db.get(entry.id, open_revs='all') or []
-        return not any(isinstance(item, dict) and isinstance(
-            item.get('ok'), dict) and item['ok'].get('_rev') == rev and
-            not item['ok'].get('_deleted') for item in leaves)
+        leaves = _leaf_docs(self.session._db.get(entry.id,
+                                                 open_revs='all') or [])
+        return not any(leaf.get('_rev') == rev and not leaf.get('_deleted')
+                       for leaf in leaves)
 
     def check(self, plan, payloads, strict=False):
         """The ``payloads`` the server may take. Each of the others is
@@ -4985,12 +4995,6 @@ def _show_conflicts(entry, revs):
 def _without_history(leaf):
     return dict((key, value) for key, value in leaf.items()
                 if key != '_revisions')
-
-
-def _winning_rev(leaf):
-    """Oldest first: the shorter history, then the smaller hash."""
-    generation, _, digest = leaf['_rev'].partition('-')
-    return int(generation), digest
 
 
 def _conflict_side(document):
