@@ -39,8 +39,8 @@ sys.path.insert(0, HERE)
 
 import couchdb  # noqa: E402
 import session  # noqa: E402
-from bench_session import fill, make_doc, spread  # noqa: E402
-from tools.localserver import running_server, temporary_database  # noqa
+from bench_session import fill, make_doc, on_server, spread  # noqa: E402
+from tools.localserver import temporary_database  # noqa: E402
 
 BATCH = 5000
 
@@ -199,11 +199,7 @@ def main(argv=None):
         return child(args)
     if args.smoke:
         args.runs, args.migrate, args.create = 1, 30, 50
-    if args.url:
-        run(args, args.url)
-    else:
-        with running_server() as url:
-            run(args, url)
+    on_server(run, args)
 
 
 def run(args, url):

@@ -446,6 +446,12 @@ def main(argv=None):
     if args.smoke:
         args.runs, args.edit, args.idle, args.read, args.memory = \
             1, 20, 200, 20, 50
+    on_server(run, args)
+
+
+def on_server(run, args):
+    """``run(args, url)`` on the server ``args.url`` names, or on a local
+    one started for it."""
     if args.url:
         run(args, args.url)
     else:
