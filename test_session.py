@@ -2484,14 +2484,8 @@ def test_a_dropped_answer_while_resolving_loses_nothing(db, remote,
     siblings(db, 'a', {'x': 1}, {'y': 1}, {'w': 1})
     S = Session(remote)
     S.resolve_conflicts('a')
-    posts = []
-
-    def nth(method, path):
-        if is_bulk_docs(method, path):
-            posts.append(path)
-            return len(posts) == which
-        return False
-    forwarder.fail('drop_answer', when=nth, times=1)
+    forwarder.fail('drop_answer', when=bulk_docs_numbered(which, which),
+                   times=1)
     S.flush()
     doc = db.get('a', conflicts=True)
     assert '_conflicts' not in doc
@@ -2507,14 +2501,7 @@ def test_a_connection_failure_between_the_requests_keeps_the_losers(
     siblings(db, 'a', {'x': 1}, {'y': 1})
     S = Session(remote)
     S.resolve_conflicts('a')
-    posts = []
-
-    def second(method, path):
-        if is_bulk_docs(method, path):
-            posts.append(path)
-            return len(posts) >= 2
-        return False
-    forwarder.fail('cut_before', when=second, times=2)
+    forwarder.fail('cut_before', when=bulk_docs_numbered(2), times=2)
     with pytest.raises(OSError):
         S.flush()
     assert content_of(db['a']) == {'x': 1, 'y': 1}
@@ -4013,13 +4000,7 @@ def test_resolving_replication_conflicts_is_the_three_way_merge_or_a_clash(
         note('model: clash at %s' % clash)
         expected = clash
     fault = data.draw(st.sampled_from([None, 1, 2]), label='lost answer')
-    posts, live = [], [True]
-
-    def nth(method, path):
-        if live[0] and is_bulk_docs(method, path):
-            posts.append(path)
-            return len(posts) == fault
-        return False
+    nth = bulk_docs_numbered(fault, fault)
     if fault:
         forwarder.fail('drop_answer', when=nth, times=1)
     try:
@@ -4028,7 +4009,7 @@ def test_resolving_replication_conflicts_is_the_three_way_merge_or_a_clash(
     except FlushError as exc:
         error = exc
     finally:
-        live[0] = False             # a rule left unused matches no more
+        nth.over = True             # a rule left unused matches no more
     after = db.get(id, conflicts=True)
     if isinstance(expected, ModelConflict):
         event('clash')
@@ -4097,6 +4078,21 @@ def forwarded(forwarder, method, kind):
     the server."""
     return sum(count for (m, path), count in forwarder.forwarded.items()
                if m == method and path.endswith(kind))
+
+
+def bulk_docs_numbered(first, last=None):
+    """A `Forwarder.fail` predicate: the ``POST _bulk_docs`` requests from
+    the ``first``-th from now on (to the ``last``-th, if given), until its
+    ``over`` is set."""
+    count = [0]
+
+    def when(method, path):
+        if when.over or not is_bulk_docs(method, path):
+            return False
+        count[0] += 1
+        return first <= count[0] and (last is None or count[0] <= last)
+    when.over = False
+    return when
 
 
 def bulk_posts(forwarder):
