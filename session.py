@@ -76,7 +76,6 @@ from couchdb.http import (RETRYABLE_ERRORS as _RETRYABLE_ERRORS,
                           ServerError as _ServerError,
                           Unauthorized as _Unauthorized)
 from peak.util.proxies import ObjectProxy as _ObjectProxy
-from peak.util.proxies import ObjectWrapper as _ObjectWrapper
 
 __version__ = '0.1.0'
 
@@ -107,6 +106,9 @@ _MISSING = object()
 # The types of the JSON values that hold no others and need no check (a
 # float may be NaN or infinite), and of those that hold others.
 _JSON_LEAVES = frozenset([str, int, bool, type(None)])
+# The values a read hands out as they are: every JSON value but a dict or
+# a list.
+_READ_LEAVES = _JSON_LEAVES | frozenset([float])
 _CONTAINERS = (dict, list)
 _NUMBERS = (int, float)
 
@@ -529,14 +531,15 @@ class Session(object):
         documents deleted in the session are left out. The request is made
         when the results are first used.
 
-        With ``include_docs=True`` the server sends the rows without their
-        documents, and the documents the session does not hold yet come in
-        one ``POST _bulk_get`` (see `get_many`): two requests, or one when
-        the session holds them all. Asked for ``attachments``,
-        ``conflicts`` or ``att_encoding_info`` too, the server includes the
-        documents itself, in one request.
+        With ``include_docs=True``, a session holding documents asks the
+        server for the rows without theirs, and the documents it does not
+        hold yet come in one ``POST _bulk_get`` (see `get_many`): two
+        requests, or one when it holds them all. A session holding none,
+        or asking for ``attachments``, ``conflicts`` or
+        ``att_encoding_info`` too, lets the server include the documents:
+        one request.
         """
-        docs, options = _docs_apart(options)
+        docs, options = _docs_apart(options, self._map.entries)
         return _ViewResults(self, name, options, wrapper, docs)
 
     def query(self, map_fun, reduce_fun=None, language='javascript',
@@ -550,10 +553,11 @@ class Session(object):
     def iterview(self, name, batch, wrapper=None, **options):
         """Iterate over a view in batches of ``batch`` rows, with rows as
         in `view`: one request per batch, and with ``include_docs=True``
-        one ``POST _bulk_get`` more for the documents of the batch the
-        session does not hold yet (a view without any row is asked again
-        with ``include_docs``: a reduce is the server's to refuse)."""
-        docs, without = _docs_apart(options)
+        in a session holding documents when the iteration starts, one
+        ``POST _bulk_get`` more for the documents of the batch it does not
+        hold yet (a view without any row is asked again with
+        ``include_docs``: a reduce is the server's to refuse)."""
+        docs, without = _docs_apart(options, self._map.entries)
         rows = self._db.iterview(name, batch, **without)
         first = True
         while docs:
@@ -582,8 +586,10 @@ class Session(object):
         default), for a job over many documents: each is the session's
         tracked document, to change or delete as usual.
 
-        Rows come ``batch`` at a time (one request for the rows, one
-        ``POST _bulk_get`` for the documents the session lacks). When the
+        Rows come ``batch`` at a time, with their documents (one request:
+        a job's documents are mostly not held yet, and the server reads a
+        range of them with its rows for less than a second request costs;
+        the rows of documents the session holds give its own). When the
         iteration moves past a batch, `flush` writes everything pending
         and the batch's documents leave the session (as `expunge` does),
         so memory is bounded by ``batch``, not by the database. A
@@ -627,15 +633,17 @@ class Session(object):
         documents it selects.
 
         The selection is the server's; the documents are the session's (with
-        its changes), and those deleted in the session are left out. The
-        server sends the ids, and the documents the session does not hold
-        yet come in one ``POST _bulk_get``: two requests, one when it holds
-        them all. With ``fields`` in the query the server sends partial
-        documents, which cannot be tracked: they are returned as
+        its changes), and those deleted in the session are left out. To a
+        session holding documents the server sends the ids, and the
+        documents it does not hold yet come in one ``POST _bulk_get``: two
+        requests, one when it holds them all. To a session holding none the
+        server sends the documents. With ``fields`` in the query it sends
+        partial documents, which cannot be tracked: they are returned as
         python-couchdb returns them (one request; so with ``conflicts``).
         """
         held = self._map.entries
-        if 'fields' in mango_query or mango_query.get('conflicts'):
+        if not held or 'fields' in mango_query or \
+                mango_query.get('conflicts'):
             found = list(self._db.find(mango_query))
             partial = 'fields' in mango_query
         else:
@@ -1289,7 +1297,7 @@ class Session(object):
         """The entry of ``doc`` if it is one of this session's documents
         (a whole document: not a dict inside one)."""
         if type(doc) is _TrackedDocument:
-            entry = _entry_of(doc)
+            entry = doc._entry
             if entry.doc is doc and self._map.entries.get(entry.id) is entry:
                 return entry
         return None
@@ -1460,10 +1468,13 @@ class _ViewResults(object):
         return self._rows
 
 
-def _docs_apart(options):
+def _docs_apart(options, held):
     """Whether the session reads the documents of a view asked with
-    ``options``, and the options to ask the server with."""
-    if options.get('include_docs') not in (True, 'true') or any(
+    ``options`` itself, and the options to ask the server with. It does
+    only when it holds documents (``held``) the rows may name: otherwise
+    all are to be read, and the server sends them with the rows for less
+    than a second request costs."""
+    if not held or options.get('include_docs') not in (True, 'true') or any(
             options.get(name) for name in _DOCUMENT_OPTIONS):
         return False, options
     options = dict(options)
@@ -1838,7 +1849,8 @@ class _DocIterator(object):
         self.checkpoint = None if checkpoint is None else \
             _CHECKPOINT % checkpoint
         self.checkpoint_rev = None
-        self.cursor = _ViewCursor(session._db, name, options)
+        self.cursor = _ViewCursor(session._db, name,
+                                  dict(options, include_docs=True))
         self.done = 0
         self.total = None
         self.over = False           # finished, or stopped by an exception
@@ -1890,11 +1902,12 @@ class _DocIterator(object):
             rows = [row for row in rows
                     if not row['id'].startswith('_design/')]
         held = session._map.entries
-        for row, doc in zip(rows, session._docs_of_rows(rows, self.name)):
+        for row in rows:
+            doc = row.get('doc')    # None: a link to no document
             entry = held.get(row['id'])
             if doc is not None and not (entry is not None and
                                         entry.state is _DELETED):
-                self.queue.append(doc)
+                self.queue.append(session._track(_Document(doc)))
         self.batch_started = True
         return True
 
@@ -1997,8 +2010,7 @@ class _ViewCursor(object):
         self.ended = bool(state.get('ended'))
 
     def page(self, count):
-        """The next rows (without documents), about ``count`` of them;
-        ``[]`` at the end."""
+        """The next rows, about ``count`` of them; ``[]`` at the end."""
         while not self.ended:
             rows = self.read(count)
             new = [row for row in rows if not self.read_already(row)]
@@ -2287,7 +2299,7 @@ class _Body(object):
 
 # -- Tracked proxies ----------------------------------------------------------
 
-# A tracked proxy is a ProxyTypes ObjectWrapper around one dict or list of a
+# A tracked proxy is a ProxyTypes ObjectProxy around one dict or list of a
 # document, plus the `_Entry` of that document. Every mutator calls
 # `_touch()` before it changes the subject: the first change of a dict or
 # list records a shallow copy of it, which diffs compare with (see
@@ -2299,14 +2311,10 @@ class _Body(object):
 # out, are deep copies (`_plain`). The subject only ever holds plain dicts,
 # lists and scalars: never a proxy.
 #
-# Methods are looked up on the wrapper first, then on the subject: any
-# method not defined here (`keys`, `index`, `count`, comparisons, `len`,
-# `repr`, ...) runs on the subject, which is right for methods that only
-# read and return no child. ProxyTypes' own in-place operators would
-# bypass tracking, so they are all redefined here.
-
-_subject_of = _ObjectProxy.__subject__.__get__
-_set_subject = _ObjectProxy.__subject__.__set__
+# Every method of a dict or list is defined here or by ProxyTypes: those
+# that only read and hand out no child (`keys`, `index`, `count`,
+# comparisons, `len`, `repr`, ...) run on the subject. ProxyTypes' own
+# in-place operators would bypass tracking, so they are all redefined here.
 
 
 def _for_json(base):
@@ -2320,26 +2328,30 @@ def _for_json(base):
                                            '__module__': 'session'})
 
 
-class _Tracked(_ObjectWrapper):
+class _Tracked(_ObjectProxy):
     """A proxy for one dict or list of a tracked document."""
 
     __slots__ = ('_entry', '_parent', '_key')
 
-    # ProxyTypes' wrappers look every dunder name up on the subject, in
-    # Python, so that an explicit ``proxy.__setitem__(k, v)`` would change
-    # the subject untracked, and every attribute access costs a Python call.
-    # Plain attribute lookup finds the proxy's own methods first, at C speed;
-    # names it lacks still go to the subject through ProxyTypes'
-    # `__getattr__`. Each subclass says what class its subjects are, as a
-    # plain class attribute, so that ``isinstance(doc, dict)`` holds and
-    # costs no Python call.
+    # ProxyTypes' proxies look every attribute up on the subject, in Python,
+    # so that an explicit ``proxy.__setitem__(k, v)`` would change the
+    # subject untracked, and every attribute access costs a Python call.
+    # Python's own attribute access finds the proxy's methods and slots at
+    # C speed, and, with no `__getattr__` (as ProxyTypes' wrappers have) and
+    # none of ProxyTypes' Python `__setattr__` and `__delattr__`, reads and
+    # stores ``proxy.__subject__`` and the slots below as fast as those of
+    # any object: the reads of documents are mostly these. Each subclass
+    # says what class its subjects are, as a plain class attribute, so that
+    # ``isinstance(doc, dict)`` holds and costs no Python call.
     __getattribute__ = object.__getattribute__
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
 
     def _touch(self):
         """Called before each change: the first change of a clean document
         makes it dirty, and the first change of each of its dicts and lists
         records a shallow copy of it (see `_Entry`)."""
-        entry = _entry_of(self)
+        entry = self._entry
         copies = entry.copies
         if copies is None:
             if entry.state is not _CLEAN:
@@ -2350,7 +2362,7 @@ class _Tracked(_ObjectWrapper):
             copies = entry.copies
             if copies is None:
                 return          # no longer in a session
-        subject = _subject_of(self)
+        subject = self.__subject__
         if id(subject) in copies:
             return
         before = subject.copy()
@@ -2374,33 +2386,40 @@ class _Tracked(_ObjectWrapper):
         part of the document itself, as it would in a plain dict: the
         entry adopts it, and finds the changes made later through the
         user's references to it (see `_Entry.sync`). A tracked value, or
-        one this document holds already, is stored as a plain deep copy:
-        documents are JSON trees.
+        one this document holds already, is stored as a plain deep copy,
+        adopted in the same way: documents are JSON trees.
         """
         kind = type(value)
         if kind in _JSON_LEAVES:
             return value
-        entry = _entry_of(self)
-        if (kind is not dict and kind is not list) or entry.map is None or \
-                entry.map.owned.get(id(value)) is value:
+        entry = self._entry
+        if entry.map is None:
             return _plain(value)
+        if (kind is not dict and kind is not list) or \
+                entry.map.owned.get(id(value)) is value:
+            # The copy is adopted too: an iteration of a dict or list that
+            # held no dict or list when it began hands out what it meets as
+            # it is (see `_flat`), and a copy stored meanwhile is one.
+            value = _plain(value)
+            if type(value) is not dict and type(value) is not list:
+                return value
         entry.map.adopt(entry, value, _wrap(value, entry, self, key))
         return value
 
     def copy(self):
         """A plain deep copy (a shallow one would let untracked aliases of
         the children escape)."""
-        return _plain(_subject_of(self))
+        return _plain(self.__subject__)
 
     def __copy__(self):
-        return _plain(_subject_of(self))
+        return _plain(self.__subject__)
 
     def __deepcopy__(self, memo):
-        return _plain(_subject_of(self))
+        return _plain(self.__subject__)
 
     def __reduce_ex__(self, protocol):
         # Pickles (and copies) as the plain value.
-        value = _plain(_subject_of(self))
+        value = _plain(self.__subject__)
         return type(value), (value,)
 
 
@@ -2410,17 +2429,17 @@ def _mark(marked, proxy):
     children (see `_Entry`)."""
     key = None
     while True:
-        subject = _subject_of(proxy)
+        subject = proxy.__subject__
         mark = marked.get(id(subject))
         if mark is not None:
             if key is not None:
                 mark[1].add(key)
             return
         marked[id(subject)] = (subject, set() if key is None else {key})
-        parent = _parent_of(proxy)
+        parent = proxy._parent
         if parent is None:
             return
-        key = _place(_subject_of(parent), _key_of(proxy), subject)
+        key = _place(parent.__subject__, proxy._key, subject)
         if key is _MISSING:
             return      # taken out of the document: not its change
         proxy = parent
@@ -2430,11 +2449,11 @@ def _in_place(proxy, root):
     """Whether the dict or list of ``proxy`` is still where it was read,
     in the document whose subject is ``root``."""
     while True:
-        parent = _parent_of(proxy)
+        parent = proxy._parent
         if parent is None:
-            return _subject_of(proxy) is root
-        if _place(_subject_of(parent), _key_of(proxy),
-                  _subject_of(proxy)) is _MISSING:
+            return proxy.__subject__ is root
+        if _place(parent.__subject__, proxy._key,
+                  proxy.__subject__) is _MISSING:
             return False
         proxy = parent
 
@@ -2473,13 +2492,6 @@ def _make_plain(value, owned, seen):
     return parts
 
 
-_entry_of = _Tracked._entry.__get__
-_set_entry = _Tracked._entry.__set__
-_parent_of = _Tracked._parent.__get__
-_set_parent = _Tracked._parent.__set__
-_key_of = _Tracked._key.__get__
-_set_key = _Tracked._key.__set__
-
 
 class _TrackedDict(_Tracked):
     """A tracked dict."""
@@ -2490,48 +2502,53 @@ class _TrackedDict(_Tracked):
     # Reads that hand out children.
 
     def __getitem__(self, key):
-        value = _subject_of(self)[key]
-        if type(value) in _JSON_LEAVES:
+        value = self.__subject__[key]
+        if type(value) in _READ_LEAVES:
             return value
-        return _wrap(value, _entry_of(self), self, key)
+        return _wrap(value, self._entry, self, key)
 
     def get(self, key, default=None):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if key in subject:
-            return _wrap(subject[key], _entry_of(self), self, key)
+            return _wrap(subject[key], self._entry, self, key)
         return default
+
+    def keys(self):
+        return self.__subject__.keys()
+
+    fromkeys = dict.fromkeys
 
     def __iter__(self):
         # ProxyTypes defines no __iter__ for Python 3.
-        return iter(_subject_of(self))
+        return iter(self.__subject__)
 
     def __reversed__(self):
-        return reversed(_subject_of(self))
+        return reversed(self.__subject__)
 
     def items(self):
         view = _new(_ItemsView)
-        _set_mapping(view, self)    # as the view's __init__, without a call
+        view._mapping = self    # as the view's __init__, without a call
         return view
 
     def values(self):
         view = _new(_ValuesView)
-        _set_mapping(view, self)
+        view._mapping = self
         return view
 
     def __or__(self, other):
-        merged = _plain(_subject_of(self))
+        merged = _plain(self.__subject__)
         merged.update(_plain(other))
         return merged
 
     def __ror__(self, other):
         merged = _plain(other)
-        merged.update(_plain(_subject_of(self)))
+        merged.update(_plain(self.__subject__))
         return merged
 
     # Mutators.
 
     def __setitem__(self, key, value):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if type(value) not in _JSON_LEAVES:
             if _is_child(value, subject.get(key, _MISSING)):
                 return      # d[k] = d[k], and the store of d[k] += ...
@@ -2540,26 +2557,26 @@ class _TrackedDict(_Tracked):
         subject[key] = value
 
     def __delitem__(self, key):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if key not in subject:
             raise KeyError(key)
         self._touch()
         del subject[key]
 
     def setdefault(self, key, default=None):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if key not in subject:
             default = self._own(default, key)
             self._touch()
             subject[key] = default
-        return _wrap(subject[key], _entry_of(self), self, key)
+        return _wrap(subject[key], self._entry, self, key)
 
     def update(self, *args, **kwargs):
         values = dict((key, self._own(value, key)) for key, value
                       in dict(*args, **kwargs).items())
         if values:
             self._touch()
-            _subject_of(self).update(values)
+            self.__subject__.update(values)
 
     def __ior__(self, other):
         self.update(other)
@@ -2570,23 +2587,23 @@ class _TrackedDict(_Tracked):
     # compares with.
 
     def pop(self, key, *default):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if key not in subject:
             return subject.pop(key, *default)
         self._touch()
         return _plain(subject.pop(key))
 
     def popitem(self):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if subject:
             self._touch()
         key, value = subject.popitem()
         return key, _plain(value)
 
     def clear(self):
-        if _subject_of(self):
+        if self.__subject__:
             self._touch()
-            _subject_of(self).clear()
+            self.__subject__.clear()
 
 
 class _ItemsView(_abc.ItemsView):
@@ -2598,8 +2615,11 @@ class _ItemsView(_abc.ItemsView):
         # Lazy, as a dict's own view: a change of size while iterating
         # raises RuntimeError.
         proxy = self._mapping
-        return _tracked_items(_subject_of(proxy).items(), _entry_of(proxy),
-                              proxy)
+        subject = proxy.__subject__
+        if _flat(map(type, subject.values())):
+            return iter(subject.items())
+        return zip(subject, _tracked_values(subject.items(), proxy._entry,
+                                            proxy))
 
 
 class _ValuesView(_abc.ValuesView):
@@ -2609,33 +2629,46 @@ class _ValuesView(_abc.ValuesView):
 
     def __iter__(self):
         proxy = self._mapping
-        return _tracked_values(_subject_of(proxy).items(), _entry_of(proxy),
-                               proxy)
+        subject = proxy.__subject__
+        if _flat(map(type, subject.values())):
+            return iter(subject.values())
+        return _tracked_values(subject.items(), proxy._entry, proxy)
 
 
-_set_mapping = _abc.MappingView._mapping.__set__
+# The iterations of tracked dicts and lists: the most frequent reads of all.
+# A dict or list that holds no dict or list (`_flat` of the types of its
+# values, at C speed) is iterated by Python's own iterator: nothing to
+# wrap. A dict or list stored in it while the iteration runs comes out as
+# it is, which is safe because every dict or list stored is adopted (see
+# `_Tracked._own`); only a flush inside the loop that merges another
+# writer's dict into it would hand that one out untracked. The others go
+# through `_tracked_values`, with what it calls looked up once (locals are
+# the fastest names).
+
+_flat = _READ_LEAVES.issuperset
+
+# The proxy class of each type of value that holds others (filled in below
+# the classes).
+_WRAPPERS = {}
 
 
-# The iterations of tracked dicts and lists: the most frequent reads of all,
-# with what they call looked up once (locals are the fastest names).
-
-def _tracked_items(items, entry, proxy, type=type, leaves=_JSON_LEAVES):
+def _tracked_values(items, entry, proxy, type=type, leaves=_READ_LEAVES,
+                    wrappers=_WRAPPERS, new=object.__new__):
+    # Of a dict (``items`` its items) or a list (``items`` enumerated).
     for key, value in items:
-        yield key, (value if type(value) in leaves else
-                    _wrap(value, entry, proxy, key))
-
-
-def _tracked_values(items, entry, proxy, type=type, leaves=_JSON_LEAVES):
-    for key, value in items:
-        yield value if type(value) in leaves else \
-            _wrap(value, entry, proxy, key)
-
-
-def _tracked_items_of_list(items, entry, proxy, type=type,
-                           leaves=_JSON_LEAVES):
-    for index, value in items:
-        yield value if type(value) in leaves else \
-            _wrap(value, entry, proxy, index)
+        if type(value) in leaves:
+            yield value
+            continue
+        cls = wrappers.get(type(value))
+        if cls is None:
+            yield value
+        else:
+            child = new(cls)        # as `_wrap` does, without a call
+            child.__subject__ = value
+            child._entry = entry
+            child._parent = proxy
+            child._key = key
+            yield child
 
 
 class _TrackedList(_Tracked):
@@ -2649,26 +2682,28 @@ class _TrackedList(_Tracked):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return _plain(_subject_of(self)[index])
-        subject = _subject_of(self)
+            return _plain(self.__subject__[index])
+        subject = self.__subject__
         value = subject[index]
-        if type(value) in _JSON_LEAVES:
+        if type(value) in _READ_LEAVES:
             return value
         if index < 0:
             index += len(subject)
-        return _wrap(value, _entry_of(self), self, index)
+        return _wrap(value, self._entry, self, index)
 
     def __iter__(self):
         # Lazy, as a list's own iterator is: items removed or added while
         # iterating change what comes next, as they would in a plain list.
-        return _tracked_items_of_list(enumerate(_subject_of(self)),
-                                      _entry_of(self), self)
+        subject = self.__subject__
+        if _flat(map(type, subject)):
+            return iter(subject)
+        return _tracked_values(enumerate(subject), self._entry, self)
 
     def __reversed__(self):
         # As a list's own reverse iterator: by index, stopping where the
         # list became shorter than the next index.
-        subject = _subject_of(self)
-        entry = _entry_of(self)
+        subject = self.__subject__
+        entry = self._entry
         index = len(subject) - 1
         while 0 <= index < len(subject):
             value = subject[index]
@@ -2676,25 +2711,31 @@ class _TrackedList(_Tracked):
                 _wrap(value, entry, self, index)
             index -= 1
 
+    def count(self, value):
+        return self.__subject__.count(value)
+
+    def index(self, value, *bounds):
+        return self.__subject__.index(value, *bounds)
+
     def __add__(self, other):
         if not isinstance(other, list):
             return NotImplemented
-        return _plain(_subject_of(self)) + _plain(other)
+        return _plain(self.__subject__) + _plain(other)
 
     def __radd__(self, other):
         if not isinstance(other, list):
             return NotImplemented
-        return _plain(other) + _plain(_subject_of(self))
+        return _plain(other) + _plain(self.__subject__)
 
     def __mul__(self, times):
-        return _plain(_subject_of(self) * times)
+        return _plain(self.__subject__ * times)
 
     __rmul__ = __mul__
 
     # Mutators.
 
     def __setitem__(self, index, value):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if isinstance(index, slice):
             value = [self._own(item, None) for item in value]
         elif _is_child(value, subject[index]):
@@ -2706,10 +2747,10 @@ class _TrackedList(_Tracked):
 
     def __delitem__(self, index):
         self._touch()
-        del _subject_of(self)[index]
+        del self.__subject__[index]
 
     def append(self, value):
-        subject = _subject_of(self)
+        subject = self.__subject__
         if type(value) not in _JSON_LEAVES:
             value = self._own(value, len(subject))
         self._touch()
@@ -2718,14 +2759,14 @@ class _TrackedList(_Tracked):
     def extend(self, values):
         values = [self._own(item, None) for item in values]
         self._touch()
-        _subject_of(self).extend(values)
+        self.__subject__.extend(values)
 
     def __iadd__(self, values):
         self.extend(values)
         return self
 
     def __imul__(self, times):
-        subject = _subject_of(self)
+        subject = self.__subject__
         # Repeat with copies: a document holds no object twice.
         copies = [_plain(item) for _ in range(times - 1) for item in subject]
         self._touch()
@@ -2738,31 +2779,31 @@ class _TrackedList(_Tracked):
     def insert(self, index, value):
         value = self._own(value, None)
         self._touch()
-        _subject_of(self).insert(index, value)
+        self.__subject__.insert(index, value)
 
     def pop(self, index=-1):
         self._touch()
-        return _plain(_subject_of(self).pop(index))
+        return _plain(self.__subject__.pop(index))
 
     def remove(self, value):
         self._touch()
-        _subject_of(self).remove(_plain(value))
+        self.__subject__.remove(_plain(value))
 
     def clear(self):
         self._touch()
-        _subject_of(self).clear()
+        self.__subject__.clear()
 
     def sort(self, *, key=None, reverse=False):
         self._touch()
-        _subject_of(self).sort(key=key, reverse=reverse)
+        self.__subject__.sort(key=key, reverse=reverse)
 
     def reverse(self):
         self._touch()
-        _subject_of(self).reverse()
+        self.__subject__.reverse()
 
 
 _new = object.__new__
-_WRAPPERS = {dict: _TrackedDict, list: _TrackedList}
+_WRAPPERS.update({dict: _TrackedDict, list: _TrackedList})
 
 
 def _place(container, key, child):
@@ -2781,7 +2822,7 @@ def _place(container, key, child):
 
 def _is_child(value, child):
     """Whether ``value`` is the proxy of ``child`` itself."""
-    return isinstance(value, _Tracked) and _subject_of(value) is child
+    return isinstance(value, _Tracked) and value.__subject__ is child
 
 
 def _wrap(value, entry, parent, key):
@@ -2792,10 +2833,10 @@ def _wrap(value, entry, parent, key):
     if cls is None:
         return value
     proxy = _new(cls)
-    _set_subject(proxy, value)
-    _set_entry(proxy, entry)
-    _set_parent(proxy, parent)
-    _set_key(proxy, key)
+    proxy.__subject__ = value
+    proxy._entry = entry
+    proxy._parent = parent
+    proxy._key = key
     return proxy
 
 
@@ -2809,6 +2850,16 @@ class _TrackedDocument(_TrackedDict):
 
     __slots__ = ()
     __class__ = _for_json(_Document)
+
+    # As `couchdb.Document`'s.
+
+    @property
+    def id(self):
+        return self.__subject__['_id']
+
+    @property
+    def rev(self):
+        return self.__subject__.get('_rev')
 
     def __setitem__(self, key, value):
         if key == '_id':
@@ -2826,7 +2877,7 @@ class _TrackedDocument(_TrackedDict):
         return _TrackedDict.pop(self, key, *default)
 
     def popitem(self):
-        subject = _subject_of(self)
+        subject = self.__subject__
         for key in reversed(subject):
             if key not in _IDENTITY:
                 return key, self.pop(key)
@@ -2839,7 +2890,7 @@ class _TrackedDocument(_TrackedDict):
         _TrackedDict.update(self, values)
 
     def clear(self):
-        subject = _subject_of(self)
+        subject = self.__subject__
         kept = [(key, subject[key]) for key in _IDENTITY if key in subject]
         if len(subject) > len(kept):
             self._touch()
@@ -2847,7 +2898,7 @@ class _TrackedDocument(_TrackedDict):
             subject.update(kept)
 
     def _check_id(self, value):
-        id = _subject_of(self).get('_id')
+        id = self.__subject__.get('_id')
         if value != id:
             raise ValueError(
                 'document %r: its _id cannot change (asked for %s); the '
@@ -2857,17 +2908,17 @@ class _TrackedDocument(_TrackedDict):
 
     def __reduce_ex__(self, protocol):
         # Pickles (and copies) as a plain `couchdb.Document`.
-        return _Document, (_plain(_subject_of(self)),)
+        return _Document, (_plain(self.__subject__),)
 
 
 
 def _root(document, entry):
     """The tracked proxy of a whole document (a `couchdb.Document`)."""
     proxy = _new(_TrackedDocument)
-    _set_subject(proxy, document)
-    _set_entry(proxy, entry)
-    _set_parent(proxy, None)
-    _set_key(proxy, None)
+    proxy.__subject__ = document
+    proxy._entry = entry
+    proxy._parent = None
+    proxy._key = None
     return proxy
 
 
@@ -3175,7 +3226,7 @@ class _Entry(object):
 
     @property
     def subject(self):
-        return _subject_of(self.doc)
+        return self.doc.__subject__
 
     # Adopted values.
 
@@ -5100,7 +5151,7 @@ def _plain(value):
     """
     try:
         if isinstance(value, _Tracked):
-            value = _subject_of(value)
+            value = value.__subject__
         kind = type(value)
         if kind is dict or (kind is not list and isinstance(value, dict)):
             return {key: item if type(item) in _JSON_LEAVES else _plain(item)
@@ -5119,7 +5170,7 @@ def _deep_plain(value, held):
     of the dicts and lists being copied around this one: a value holding
     itself is too deep for any stack, and would fill the memory here."""
     if isinstance(value, _Tracked):
-        value = _subject_of(value)
+        value = value.__subject__
     kind = type(value)
     keyed = kind is dict or (kind is not list and isinstance(value, dict))
     if not keyed and not (kind is list or isinstance(value, (list, tuple))):
