@@ -1975,13 +1975,16 @@ class _ViewCursor(object):
     """Where the paging of a view stands: after the row of ``key`` and
     document ``anchor``, the last one read.
 
-    A page starts at ``startkey=key`` with ``startkey_docid=anchor``; the
-    rows with that key whose ids are in ``seen`` are the ones read
-    already. PouchDB Server ignores ``startkey_docid`` and starts at the
-    key's first row: there the cursor skips the ``skip`` rows it counted
-    before the anchor, and when the anchor is not the first row it gets
-    (rows moved meanwhile) it reads the key's rows again from the first,
-    leaving out the seen ones. So rows with equal keys are neither lost
+    A page starts at ``startkey=key`` with ``startkey_docid=anchor``. Rows
+    of equal keys come in the order of their ids, on CouchDB and PouchDB
+    Server alike, so the rows of ``key`` read already are those up to the
+    anchor in that order (see `after_anchor`): the cursor keeps no list of
+    them, and holds the same few values however many rows share a key.
+    PouchDB Server ignores ``startkey_docid`` and starts at the key's first
+    row: there the cursor skips the ``skip`` rows it counted before the
+    anchor, and when the anchor is not the first row it gets (rows moved
+    or went meanwhile) it goes over the key's rows again from the first,
+    past those up to the anchor. So rows with equal keys are neither lost
     nor repeated on either server.
     """
 
@@ -1989,22 +1992,21 @@ class _ViewCursor(object):
         self.db = db
         self.name = name
         self.options = options
+        self.descending = options.get('descending') in (True, 'true')
         self.key = None
         self.anchor = None          # None before the first page
-        self.seen = set()           # ids read with `key`
         self.skip = 0
         self.ignores_docid = False  # the server ignores startkey_docid
+        self.js_order = None        # the server orders ids as JavaScript
         self.ended = False
         self.asked = 0              # the limit of the last page asked
 
     def state(self):
-        return {'key': self.key, 'anchor': self.anchor,
-                'seen': sorted(self.seen), 'skip': self.skip,
+        return {'key': self.key, 'anchor': self.anchor, 'skip': self.skip,
                 'ignores_docid': self.ignores_docid, 'ended': self.ended}
 
     def restore(self, state):
         self.key, self.anchor = state.get('key'), state.get('anchor')
-        self.seen = set(state.get('seen') or ())
         self.skip = state.get('skip', 0)
         self.ignores_docid = bool(state.get('ignores_docid'))
         self.ended = bool(state.get('ended'))
@@ -2020,57 +2022,88 @@ class _ViewCursor(object):
         return []
 
     def read(self, count):
-        """One page of rows from the cursor on."""
+        """One page of rows from the cursor on: rows after the anchor, maybe
+        after rows of its key read already."""
         while True:
-            # After the first page, the anchor comes again first.
-            self.asked = count + (self.anchor is not None)
-            options = dict(self.options, limit=self.asked)
-            if self.anchor is not None:
-                options['startkey'] = self.key
-                if self.name != '_all_docs':
-                    options['startkey_docid'] = self.anchor
-                if self.skip:
-                    options['skip'] = self.skip
-            rows = self.db.view(self.name, **options).rows
+            rows = self.ask(count)
             if self.anchor is None or not rows:
                 return rows
             first = rows[0]
-            if self.skip and not self.is_anchor(first):
-                self.skip = 0       # rows moved: from the key's first row
-                continue
-            if not self.is_anchor(first) and self.read_already(first) and \
-                    not self.ignores_docid:
+            if self.is_anchor(first):
+                return rows
+            if self.read_already(first):
+                # A server honouring startkey_docid starts at the anchor or
+                # after it.
                 self.ignores_docid = True
-                at = [n for n, row in enumerate(rows) if self.is_anchor(row)]
-                if at:
-                    self.skip = at[0]   # once: a full page from the anchor
-                    continue
-            return rows
+                return self.scan(rows, count)
+            if not self.skip:
+                return rows         # the anchor went: the rows after it
+            self.skip = 0           # rows moved: from the key's first row
+
+    def ask(self, count):
+        """The page of ``count`` rows (and the anchor) from the cursor."""
+        self.asked = count + (self.anchor is not None)
+        options = dict(self.options, limit=self.asked)
+        if self.anchor is not None:
+            options['startkey'] = self.key
+            if self.name != '_all_docs':
+                options['startkey_docid'] = self.anchor
+            if self.skip:
+                options['skip'] = self.skip
+        return self.db.view(self.name, **options).rows
+
+    def scan(self, rows, count):
+        """``rows``, asked from the ``skip``-th row of the key on, start with
+        rows read already: go past them, page by page, to the page that
+        holds the first row after the anchor's place (or the end)."""
+        while len(rows) == self.asked and all(
+                self.read_already(row) for row in rows):
+            self.skip += len(rows)
+            rows = self.ask(count)
+        return rows
 
     def is_anchor(self, row):
         return row.get('id') == self.anchor and _same_key(row, self.key)
 
     def read_already(self, row):
-        return self.anchor is not None and row.get('id') in self.seen and \
-            _same_key(row, self.key)
+        return self.anchor is not None and _same_key(row, self.key) and (
+            row['id'] == self.anchor or not self.after_anchor(row['id']))
+
+    def after_anchor(self, id):
+        """Whether the row of ``id`` comes after the anchor's among the rows
+        of their key. CouchDB orders their ids by their UTF-8 bytes, as
+        Python orders strings; PouchDB Server as JavaScript does, by UTF-16
+        code units (the two differ for characters beyond U+FFFF against
+        U+E000 and above). The database's information tells them apart
+        (one request, the first time): PouchDB's names its adapter."""
+        if self.js_order is None:
+            self.js_order = 'adapter' in self.db.info()
+        anchor = self.anchor
+        if self.js_order:
+            id, anchor = _utf16(id), _utf16(anchor)
+        return id < anchor if self.descending else id > anchor
 
     def move(self, rows):
         """Put the cursor after ``rows``, the page just read."""
         if len(rows) < self.asked:
             self.ended = True
-        if not rows:
-            return
+        if not rows or self.read_already(rows[-1]):
+            return                  # rows read already: the end
         last = rows[-1]
         key = last.get('key')
-        ids = [row['id'] for row in rows if _same_key(row, key)]
-        before = len(ids) - 1       # the rows of the key before the last
+        before = sum(1 for row in rows if _same_key(row, key)) - 1
+        # On a server that ignores startkey_docid, the rows of the key before
+        # the last one, to skip.
         if self.anchor is not None and _same_key(last, self.key):
-            self.seen.update(ids)
             self.skip = self.skip + before if self.ignores_docid else 0
         else:
-            self.seen = set(ids)
             self.skip = before if self.ignores_docid else 0
         self.key, self.anchor = key, last['id']
+
+
+def _utf16(text):
+    """``text`` in the order JavaScript gives strings."""
+    return text.encode('utf-16-be', 'surrogatepass')
 
 
 def _same_key(row, key):
