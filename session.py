@@ -59,6 +59,7 @@ import select as _select
 import shutil as _shutil
 import tempfile as _tempfile
 import time as _time
+import types as _types
 import uuid as _uuid
 from urllib.parse import urlsplit as _urlsplit
 
@@ -572,11 +573,11 @@ class Session(object):
                 return
             first = False
             for row, doc in zip(chunk, self._docs_of_rows(chunk, name)):
-                row = self._row(row, wrapper, doc)
+                row = self._row(row, name, wrapper, doc)
                 if row is not None:
                     yield row
         for row in rows:
-            row = self._row(row, wrapper)
+            row = self._row(row, name, wrapper)
             if row is not None:
                 yield row
 
@@ -1323,10 +1324,10 @@ class Session(object):
                                      'this session' % entry.id))
         return entry
 
-    def _row(self, row, wrapper, doc=_MISSING):
-        """A view row whose ``doc`` is the session's document (``doc``, if
-        given: see `_docs_of_rows`), or ``None`` for the row of a document
-        deleted in the session."""
+    def _row(self, row, name, wrapper, doc=_MISSING):
+        """A row of view ``name`` whose ``doc`` is the session's document
+        (``doc``, if given: see `_docs_of_rows`), or ``None`` for the row of
+        a document deleted in the session."""
         entry = self._map.entries.get(row.get('id'))
         if entry is not None and entry.state is _DELETED:
             return None
@@ -1335,7 +1336,8 @@ class Session(object):
             if 'error' not in row:
                 row['doc'] = doc
         elif row.get('doc') is not None:
-            row['doc'] = self._track(_Document(row['doc']))
+            row['doc'] = self._included(_Document(row['doc']),
+                                        _doc_key(row, name))
         return wrapper(row) if wrapper is not None else row
 
     def _docs_of_rows(self, rows, name):
@@ -1350,11 +1352,24 @@ class Session(object):
         for key in keys:
             entry = None if key is None else held.get(_key_id(key))
             if entry is not None:
-                docs.append(entry.doc)
+                docs.append(None if entry.state is _DELETED else entry.doc)
                 continue
             _, doc = fetched.get(key, (None, None))
-            docs.append(None if doc is None else self._track(_Document(doc)))
+            docs.append(None if doc is None else
+                        self._included(_Document(doc), key))
         return docs
+
+    def _included(self, document, key):
+        """The session's document for ``document``, included in a view row
+        for ``key`` (see `_doc_key`): the one it holds (None if deleted in
+        the session) or a new tracked one; but the revision a link names
+        is that revision, untracked, as `get` with ``rev`` gives it (it may
+        not be the document's current one)."""
+        entry = self._map.entries.get(document['_id'])
+        if entry is None and isinstance(key, tuple):
+            return document
+        entry = self._map.track(document)
+        return None if entry.state is _DELETED else entry.doc
 
 
 def _id_of(doc_or_id):
@@ -1462,7 +1477,7 @@ class _ViewResults(object):
                 rows, self._docs = self._results.rows, False
             docs = session._docs_of_rows(rows, self._name) if self._docs \
                 else _itertools.repeat(_MISSING)
-            rows = (session._row(row, self._wrapper, doc)
+            rows = (session._row(row, self._name, self._wrapper, doc)
                     for row, doc in zip(rows, docs))
             self._rows = [row for row in rows if row is not None]
         return self._rows
@@ -1856,8 +1871,9 @@ class _DocIterator(object):
         self.over = False           # finished, or stopped by an exception
         self.queue = _collections.deque()   # documents of the batch to yield
         self.batch_started = False  # whether a batch was handed out
-        # The documents held before: the job's batches leave them alone.
-        self.held_before = set(session._map.entries)
+        # The documents held when the iteration starts: the job's batches
+        # leave them alone.
+        self.held_before = None
         self.started = _time.perf_counter()
         self.done_at_start = 0
         if self.checkpoint is not None:
@@ -1895,19 +1911,28 @@ class _DocIterator(object):
     def next_batch(self):
         """Read the next batch into `queue`: whether there was one."""
         session = self.session
+        if self.held_before is None:
+            self.held_before = set(session._map.entries)
         rows = self.cursor.page(self.batch)
         if not rows:
             return False
         if self.skip_design:
             rows = [row for row in rows
                     if not row['id'].startswith('_design/')]
-        held = session._map.entries
+        held, queued = session._map.entries, set()
         for row in rows:
             doc = row.get('doc')    # None: a link to no document
             entry = held.get(row['id'])
-            if doc is not None and not (entry is not None and
-                                        entry.state is _DELETED):
-                self.queue.append(session._track(_Document(doc)))
+            if doc is None or entry is not None and entry.state is _DELETED:
+                continue
+            # Tracked, even at the revision a link names: a job's documents
+            # are to change (a stale one meets a conflict, and the batch
+            # lets it go).
+            doc = session._included(_Document(doc), None)
+            # A document of several rows of the batch comes once.
+            if doc is not None and id(doc) not in queued:
+                queued.add(id(doc))
+                self.queue.append(doc)
         self.batch_started = True
         return True
 
@@ -2379,6 +2404,10 @@ class _Tracked(_ObjectProxy):
     __getattribute__ = object.__getattribute__
     __setattr__ = object.__setattr__
     __delattr__ = object.__delattr__
+    __hash__ = None             # as a dict's or list's (ProxyTypes hashes)
+    # ProxyTypes' proxies are callable (they call the subject): Django's
+    # templates would call a document instead of reading its fields.
+    do_not_call_in_templates = True
 
     def _touch(self):
         """Called before each change: the first change of a clean document
@@ -2418,24 +2447,19 @@ class _Tracked(_ObjectProxy):
         A plain dict or list from outside the session's documents becomes
         part of the document itself, as it would in a plain dict: the
         entry adopts it, and finds the changes made later through the
-        user's references to it (see `_Entry.sync`). A tracked value, or
-        one this document holds already, is stored as a plain deep copy,
-        adopted in the same way: documents are JSON trees.
+        user's references to it (see `_Entry.sync`), also when it was
+        taken out and is stored again. A tracked value, or one a document
+        holds already, is stored as a plain deep copy: documents are JSON
+        trees.
         """
         kind = type(value)
         if kind in _JSON_LEAVES:
             return value
         entry = self._entry
-        if entry.map is None:
+        if (kind is not dict and kind is not list) or entry.map is None or \
+                (entry.map.owned.get(id(value)) is value and
+                 not entry.let_go(value)):
             return _plain(value)
-        if (kind is not dict and kind is not list) or \
-                entry.map.owned.get(id(value)) is value:
-            # The copy is adopted too: an iteration of a dict or list that
-            # held no dict or list when it began hands out what it meets as
-            # it is (see `_flat`), and a copy stored meanwhile is one.
-            value = _plain(value)
-            if type(value) is not dict and type(value) is not list:
-                return value
         entry.map.adopt(entry, value, _wrap(value, entry, self, key))
         return value
 
@@ -2547,7 +2571,9 @@ class _TrackedDict(_Tracked):
         return default
 
     def keys(self):
-        return self.__subject__.keys()
+        view = _new(_KeysView)
+        view._mapping = self
+        return view
 
     fromkeys = dict.fromkeys
 
@@ -2639,6 +2665,21 @@ class _TrackedDict(_Tracked):
             self.__subject__.clear()
 
 
+# The views of tracked dicts hand out tracked values, and offer what a
+# dict's own views offer: reversed(), and ``mapping``, a read-only view of
+# the tracked dict.
+
+class _KeysView(_abc.KeysView):
+    """``keys()`` of a tracked dict."""
+
+    __slots__ = ()
+
+    def __reversed__(self):
+        return reversed(self._mapping.__subject__)
+
+    mapping = property(lambda self: _types.MappingProxyType(self._mapping))
+
+
 class _ItemsView(_abc.ItemsView):
     """``items()`` of a tracked dict: the values are tracked."""
 
@@ -2649,10 +2690,14 @@ class _ItemsView(_abc.ItemsView):
         # raises RuntimeError.
         proxy = self._mapping
         subject = proxy.__subject__
-        if _flat(map(type, subject.values())):
-            return iter(subject.items())
         return zip(subject, _tracked_values(subject.items(), proxy._entry,
                                             proxy))
+
+    def __reversed__(self):
+        proxy = self._mapping
+        return ((key, proxy[key]) for key in reversed(proxy.__subject__))
+
+    mapping = _KeysView.mapping
 
 
 class _ValuesView(_abc.ValuesView):
@@ -2663,22 +2708,20 @@ class _ValuesView(_abc.ValuesView):
     def __iter__(self):
         proxy = self._mapping
         subject = proxy.__subject__
-        if _flat(map(type, subject.values())):
-            return iter(subject.values())
         return _tracked_values(subject.items(), proxy._entry, proxy)
 
+    def __reversed__(self):
+        proxy = self._mapping
+        return (proxy[key] for key in reversed(proxy.__subject__))
 
-# The iterations of tracked dicts and lists: the most frequent reads of all.
-# A dict or list that holds no dict or list (`_flat` of the types of its
-# values, at C speed) is iterated by Python's own iterator: nothing to
-# wrap. A dict or list stored in it while the iteration runs comes out as
-# it is, which is safe because every dict or list stored is adopted (see
-# `_Tracked._own`); only a flush inside the loop that merges another
-# writer's dict into it would hand that one out untracked. The others go
-# through `_tracked_values`, with what it calls looked up once (locals are
-# the fastest names).
+    mapping = _KeysView.mapping
 
-_flat = _READ_LEAVES.issuperset
+
+# The iterations of tracked dicts and lists, the most frequent reads of all,
+# go through `_tracked_values`, with what it calls looked up once (locals
+# are the fastest names). Each value is wrapped as it comes, never before:
+# a dict or list put in while the loop runs (by the user, a refresh, a
+# merge) comes out tracked too.
 
 # The proxy class of each type of value that holds others (filled in below
 # the classes).
@@ -2727,10 +2770,7 @@ class _TrackedList(_Tracked):
     def __iter__(self):
         # Lazy, as a list's own iterator is: items removed or added while
         # iterating change what comes next, as they would in a plain list.
-        subject = self.__subject__
-        if _flat(map(type, subject)):
-            return iter(subject)
-        return _tracked_values(enumerate(subject), self._entry, self)
+        return _tracked_values(enumerate(self.__subject__), self._entry, self)
 
     def __reversed__(self):
         # As a list's own reverse iterator: by index, stopping where the
@@ -2828,6 +2868,12 @@ class _TrackedList(_Tracked):
 
     def sort(self, *, key=None, reverse=False):
         self._touch()
+        if key is not None:
+            # The key function sees tracked values, as every read does.
+            entry, given = self._entry, key
+
+            def key(value):
+                return given(_wrap(value, entry, self, None))
         self.__subject__.sort(key=key, reverse=reverse)
 
     def reverse(self):
@@ -2854,8 +2900,9 @@ def _place(container, key, child):
 
 
 def _is_child(value, child):
-    """Whether ``value`` is the proxy of ``child`` itself."""
-    return isinstance(value, _Tracked) and value.__subject__ is child
+    """Whether ``value`` is ``child``, or the proxy of ``child``."""
+    return value is child or (isinstance(value, _Tracked) and
+                              value.__subject__ is child)
 
 
 def _wrap(value, entry, parent, key):
@@ -2881,8 +2928,10 @@ class _TrackedDocument(_TrackedDict):
     `clear` keeps ``_id`` and ``_rev``.
     """
 
-    __slots__ = ()
+    # A `couchdb.Document` takes attributes and weak references.
+    __slots__ = ('__dict__', '__weakref__')
     __class__ = _for_json(_Document)
+    fromkeys = _Document.fromkeys
 
     # As `couchdb.Document`'s.
 
@@ -3262,6 +3311,18 @@ class _Entry(object):
         return self.doc.__subject__
 
     # Adopted values.
+
+    def let_go(self, value):
+        """If ``value`` is a dict or list the document adopted and no longer
+        holds, let it go, to be adopted again; whether it did."""
+        for n, record in enumerate(self.adopted or ()):
+            if record[0] is value:
+                if _in_place(record[1], self.subject):
+                    return False
+                self.map.disown(record[3])
+                del self.adopted[n]
+                return True
+        return False
 
     def sync(self):
         """Make the changes made to adopted values through the user's own

@@ -21,6 +21,7 @@ went over the wire. In this order:
 
 import base64
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
 import copy
@@ -48,6 +49,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import weakref
 import wsgiref.simple_server
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
@@ -877,6 +879,38 @@ def test_view_with_docs_reads_the_revision_a_link_names(db, linking):
     assert row.doc is held
 
 
+def test_a_link_to_a_document_deleted_in_the_session_includes_none(
+        db, linking):
+    """A row linking to a document the session deleted (fetched first, or
+    by id only) has no document, in a view and in iterdocs, as the server
+    gives none for a deleted one."""
+    put(db, 'target', v=1)
+    put(db, 'other', v=1)
+    put(db, 'l1', link='target')
+    put(db, 'l2', link='other')
+    S = Session(db)
+    S.delete(S['target'])
+    del S['other']
+    assert [row.doc for row in S.view('links/to', include_docs=True)] == \
+        [None, None]
+    assert list(S.iterdocs('links/to', batch=10)) == []
+
+
+def test_a_link_to_an_old_revision_leaves_the_sessions_document_current(
+        db, linking):
+    """A row linking to an old revision includes that revision, untracked
+    (as get with rev gives it): the session's document for the id stays
+    the current one."""
+    first = put(db, 'target', v=1)
+    change(db, 'target', v=2)
+    put(db, 'l', old=['target', first.rev])
+    S = holding_one(db)
+    [row] = S.view('links/to', include_docs=True)
+    assert row.doc['v'] == 1
+    target = S['target']
+    assert (target['v'], target.rev) == (2, db['target'].rev)
+
+
 def test_view_with_docs_follows_couchdbs_rules_for_odd_links(db):
     """A value {"_id": null} includes no document; {"_rev": rev} alone
     includes that revision of the row's own document (CouchDB's rules;
@@ -1200,6 +1234,111 @@ def test_a_copy_stored_while_a_flat_list_is_iterated_is_tracked(db):
     item['k'] = 3                       # and after the flush
     S.flush()
     assert stored(db, 'doc')['tags'][2] == {'k': 3}
+
+
+def test_values_put_in_while_a_loop_runs_come_out_tracked(db):
+    """A loop over a list or a dict's items hands out each value tracked
+    as it comes: also a dict a refresh, a merging flush, new content saved
+    or ``*=`` put in while the loop runs. Changes to it are written."""
+    put(db, 'r', tags=['p', 'q'], m={'a': 1, 'b': 2})
+    put(db, 'm', tags=['p', 'q'], n=0)
+    put(db, 's', tags=['p', 'q'])
+    put(db, 'i', l=[1])
+    S = Session(db, on_conflict='merge')
+    r, m, s, i = S['r'], S['m'], S['s'], S['i']
+    change(db, 'r', tags=['p', {'k': 1}], m={'a': 1, 'b': {'z': 1}})
+    items = []
+    for item in r['tags']:
+        if item == 'p':
+            S.refresh(r)
+        items.append(item)
+    pairs = dict(r['m'].items())
+    change(db, 'r', tags=['p', {'k': 1}], m={'a': 1, 'b': {'z': 1}})
+    m['n'] = 1
+    change(db, 'm', tags=['p', {'k': 1}])
+    merged = []
+    for item in m['tags']:
+        if item == 'p':
+            S.flush()                   # merges the other writer's tags
+        merged.append(item)
+    saved = []
+    for item in s['tags']:
+        if item == 'p':
+            S['s'] = {'_rev': s.rev, 'tags': ['p', {'k': 1}]}
+        saved.append(item)
+    doubled = []
+    for item in i['l']:
+        doubled.append(item)
+        if len(doubled) == 1:
+            i['l'].append({'a': 1})
+            i['l'] *= 2
+    S.flush()
+    items[1]['k'] = pairs['b']['z'] = merged[1]['k'] = saved[1]['k'] = 2
+    doubled[3]['a'] = 2
+    S.flush()
+    assert stored(db, 'r') == {'_id': 'r', 'tags': ['p', {'k': 2}],
+                               'm': {'a': 1, 'b': {'z': 2}}}
+    assert stored(db, 'm') == {'_id': 'm', 'n': 1, 'tags': ['p', {'k': 2}]}
+    assert stored(db, 's')['tags'] == ['p', {'k': 2}]
+    assert stored(db, 'i')['l'] == [1, {'a': 1}, 1, {'a': 2}]
+
+
+def test_a_dict_stored_again_stays_the_users_own(db):
+    """The user's dict stored twice at its key, or taken out and stored
+    at another key, is the document's own as in a plain dict: changes
+    made through it later are written."""
+    put(db, 'doc', x=None)
+    S = Session(db)
+    doc = S['doc']
+    x, y = {'v': 1}, {}
+    doc['x'] = x
+    doc['x'] = x
+    doc['a'] = y
+    del doc['a']
+    doc['b'] = y
+    x['v'] = 2
+    y['k'] = 1
+    S.flush()
+    assert stored(db, 'doc') == {'_id': 'doc', 'x': {'v': 2}, 'b': {'k': 1}}
+
+
+def test_tracked_documents_take_what_couchdb_documents_take(db):
+    """Attributes, weak references, fromkeys building a Document, reversed
+    views, and a keys view whose mapping hands out tracked values, as a
+    couchdb.Document; unhashable as a dict (and Django templates do not
+    call them)."""
+    put(db, 'doc', a=1, d={'k': 1}, l=[1])
+    plain = db['doc']
+    S = Session(db)
+    doc = S['doc']
+    doc.note = 'x'
+    assert doc.note == 'x' and vars(doc) == {'note': 'x'}
+    assert weakref.ref(doc)() is doc
+    assert type(doc.fromkeys(['_id'])) is type(plain.fromkeys(['_id']))
+    assert list(reversed(doc.items())) == list(reversed(plain.items()))
+    assert list(reversed(doc.values())) == list(reversed(plain.values()))
+    assert list(reversed(doc.keys())) == list(reversed(plain.keys()))
+    for value in (doc, doc['d'], doc['l']):
+        assert not isinstance(value, collections.abc.Hashable)
+        with pytest.raises(TypeError):
+            hash(value)
+    assert doc.do_not_call_in_templates
+    doc.keys().mapping['d']['k'] = 2
+    doc.items().mapping['d']['j'] = 3
+    S.flush()
+    assert stored(db, 'doc')['d'] == {'k': 2, 'j': 3}
+
+
+def test_a_sort_key_function_sees_tracked_values(db):
+    """The key function of a tracked list's sort gets tracked values:
+    what it changes is written, as in a plain list."""
+    put(db, 'doc', l=[{'n': 'a'}, {'n': 'b', 'rank': 2}])
+    S = Session(db)
+    doc = S['doc']
+    doc['l'].sort(key=lambda item: item.setdefault('rank', 0))
+    S.flush()
+    assert stored(db, 'doc')['l'] == [{'n': 'a', 'rank': 0},
+                                      {'n': 'b', 'rank': 2}]
 
 
 def test_slice_read_is_a_copy(db):
@@ -2117,6 +2256,42 @@ def test_iterdocs_goes_over_every_document_once_in_bounded_memory(db, wire):
     assert all(db[id]['v'] == 'migrated' for id in ids)
     assert set(generations(db).values()) == {2}
     assert not S.has_changes()
+
+
+def test_iterdocs_leaves_alone_what_was_held_when_the_loop_began(db):
+    """A document read between iterdocs() and its loop (a summary the job
+    counts into) is not the job's: it stays held, and every change to it
+    is written."""
+    for n in range(5):
+        put(db, 'job-%d' % n, state='old')
+    put(db, 'summary', count=0)
+    S = Session(db)
+    jobs = S.iterdocs(batch=2, startkey='job-', endkey='job.')
+    summary = S['summary']
+    for doc in jobs:
+        doc['state'] = 'new'
+        summary['count'] += 1
+    S.flush()
+    assert stored(db, 'summary')['count'] == 5
+
+
+def test_iterdocs_hands_out_a_document_of_several_rows_once_per_batch(db):
+    """A view emitting two rows per document: a batch holding both hands
+    the document out once, so a job deleting what it is handed deletes
+    each once."""
+    db['_design/two'] = {'views': {'rows': {'map': '''function (doc) {
+        if (doc.n !== undefined) { emit([doc.n, 0], null);
+                                   emit([doc.n, 1], null); }
+    }'''}}}
+    for n in range(3):
+        put(db, 'd%d' % n, n=n)
+    S = Session(db)
+    handed = []
+    for doc in S.iterdocs('two/rows', batch=10):
+        handed.append(doc.id)
+        S.delete(doc)
+    assert handed == ['d0', 'd1', 'd2']
+    assert [id for id in ('d0', 'd1', 'd2') if id in db] == []
 
 
 def test_iterdocs_skips_design_documents_unless_asked(db):
@@ -3044,7 +3219,8 @@ def sortable(items):
 
 
 def json_sort_key(item):
-    return json.dumps(item, sort_keys=True)
+    # A key function of a tracked list gets tracked values, as every read.
+    return json.dumps(item, sort_keys=True, default=session.plain)
 
 
 def json_size(value):
