@@ -593,7 +593,9 @@ class Session(object):
         the rows of documents the session holds give its own). When the
         iteration moves past a batch, `flush` writes everything pending
         and the batch's documents leave the session (as `expunge` does),
-        so memory is bounded by ``batch``, not by the database. A
+        so memory is bounded by ``batch``, not by the database; documents
+        the job reads or creates itself in its loop stay, as in any
+        session. A
         `FlushError` or a connection failure ends the iteration with that
         exception, losing nothing: the failed documents stay pending, for
         a later `flush` or the next run.
@@ -1870,6 +1872,7 @@ class _DocIterator(object):
         self.total = None
         self.over = False           # finished, or stopped by an exception
         self.queue = _collections.deque()   # documents of the batch to yield
+        self.batch_entries = []     # the entries of the batch's documents
         self.batch_started = False  # whether a batch was handed out
         # The documents held when the iteration starts: the job's batches
         # leave them alone.
@@ -1933,6 +1936,7 @@ class _DocIterator(object):
             if doc is not None and id(doc) not in queued:
                 queued.add(id(doc))
                 self.queue.append(doc)
+                self.batch_entries.append(doc._entry)
         self.batch_started = True
         return True
 
@@ -1955,10 +1959,19 @@ class _DocIterator(object):
                     'written, %d failed', self.name, self.done, self.total,
                     (self.done - self.done_at_start) / seconds if seconds
                     else 0, written, failed)
-        entries, pending = session._map.entries, session._map.pending
-        for id, entry in list(entries.items()):
-            if id not in self.held_before and id not in pending:
+        # The batch's documents the server has as the session does go (what
+        # the job holds besides, read or created in its loop, stays): one
+        # whose only work left is to watch plain values the job stored in it
+        # goes too, as its other references do.
+        entries = session._map.entries
+        for entry in self.batch_entries:
+            if entry.id not in self.held_before and \
+                    entries.get(entry.id) is entry and \
+                    entry.state is _CLEAN and entry.sent is None and not (
+                        entry.attachments.changes or entry.losers or
+                        entry.clash):
                 session._map.forget(entry)
+        self.batch_entries = []
         self.batch_started = False
         self.record(finished=False)
 
@@ -2051,6 +2064,9 @@ class _ViewCursor(object):
         after rows of its key read already."""
         while True:
             rows = self.ask(count)
+            if not rows and self.skip:
+                self.skip = 0       # rows went: the key holds fewer now
+                continue
             if self.anchor is None or not rows:
                 return rows
             first = rows[0]
@@ -2097,12 +2113,16 @@ class _ViewCursor(object):
     def after_anchor(self, id):
         """Whether the row of ``id`` comes after the anchor's among the rows
         of their key. CouchDB orders their ids by their UTF-8 bytes, as
-        Python orders strings; PouchDB Server as JavaScript does, by UTF-16
-        code units (the two differ for characters beyond U+FFFF against
-        U+E000 and above). The database's information tells them apart
-        (one request, the first time): PouchDB's names its adapter."""
+        Python orders strings, and so does PouchDB Server on disk
+        (LevelDB); PouchDB Server in memory orders them as JavaScript
+        does, by UTF-16 code units (the two differ for characters beyond
+        U+FFFF against U+E000 and above). The database's information tells
+        them apart (one request, the first time): PouchDB's names its
+        adapter."""
         if self.js_order is None:
-            self.js_order = 'adapter' in self.db.info()
+            info = self.db.info()
+            self.js_order = info.get('adapter') == 'memory' or \
+                info.get('backend_adapter') == 'MemDOWN'
         anchor = self.anchor
         if self.js_order:
             id, anchor = _utf16(id), _utf16(anchor)
@@ -2132,9 +2152,23 @@ def _utf16(text):
 
 
 def _same_key(row, key):
-    """Whether view row ``row`` has the key ``key`` (numbers by value, as
-    the server collates them)."""
-    return _same(row.get('key'), key, loose_numbers=True)
+    """Whether view row ``row`` has the key ``key``."""
+    return _one_key(row.get('key'), key)
+
+
+def _one_key(a, b):
+    """Whether the view keys ``a`` and ``b`` collate as one: numbers by
+    value, objects member by member in their order (``{"a": 1, "b": 2}``
+    and ``{"b": 2, "a": 1}`` are two keys to the server)."""
+    if type(a) is dict and type(b) is dict:
+        return len(a) == len(b) and all(
+            name == other and _one_key(value, theirs) for (name, value),
+            (other, theirs) in zip(a.items(), b.items()))
+    if type(a) is list and type(b) is list:
+        return len(a) == len(b) and all(map(_one_key, a, b))
+    if type(a) in (int, float) and type(b) in (int, float):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 def _count_rows(db, name, options, skip_design):
@@ -2458,7 +2492,7 @@ class _Tracked(_ObjectProxy):
         entry = self._entry
         if (kind is not dict and kind is not list) or entry.map is None or \
                 (entry.map.owned.get(id(value)) is value and
-                 not entry.let_go(value)):
+                 not entry.map.let_go(value)):
             return _plain(value)
         entry.map.adopt(entry, value, _wrap(value, entry, self, key))
         return value
@@ -3041,7 +3075,7 @@ def _root(document, entry):
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
 
-    __slots__ = ('entries', 'pending', 'owned', 'snapshots')
+    __slots__ = ('entries', 'pending', 'owned', 'snapshots', 'adopters')
 
     def __init__(self):
         # id: _Entry of every document the session holds: read, created,
@@ -3058,6 +3092,8 @@ class _IdentityMap(object):
         # id(adopted value): (it, its copy as of the last time its document
         # was clean).
         self.snapshots = {}
+        # id(adopted value): (it, the entry of the document holding it).
+        self.adopters = {}
 
     def add(self, entry):
         entry.map = self
@@ -3176,6 +3212,7 @@ class _IdentityMap(object):
                     before = _plain(value)
                     self.snapshots[id(value)] = (value, before)
                     entry.adopted.append([value, proxy, before, parts])
+                    self.adopters[id(value)] = (value, entry)
         self.wait(entry)
 
     def adopt(self, entry, value, proxy):
@@ -3184,6 +3221,23 @@ class _IdentityMap(object):
         if entry.adopted is None:
             entry.adopted = []
         entry.adopted.append([value, proxy, None, self.own(value, {})])
+        self.adopters[id(value)] = (value, entry)
+
+    def let_go(self, value):
+        """If ``value`` is a dict or list a document adopted and no longer
+        holds, let it go, to be adopted again; whether it did."""
+        held = self.adopters.get(id(value))
+        if held is None or held[0] is not value:
+            return False
+        entry = held[1]
+        for n, record in enumerate(entry.adopted or ()):
+            if record[0] is value:
+                if _in_place(record[1], entry.subject):
+                    return False
+                self.disown(record[3])
+                del entry.adopted[n]
+                return True
+        return False
 
     def own(self, value, seen):
         """Make ``value`` plain (see `_make_plain`) and record its dicts
@@ -3197,6 +3251,8 @@ class _IdentityMap(object):
         for part in parts:
             if self.owned.get(id(part)) is part:
                 del self.owned[id(part)]
+            if self.adopters.get(id(part), (None,))[0] is part:
+                del self.adopters[id(part)]
             held = self.snapshots.get(id(part))
             if held is not None and held[0] is part:
                 del self.snapshots[id(part)]
@@ -3311,18 +3367,6 @@ class _Entry(object):
         return self.doc.__subject__
 
     # Adopted values.
-
-    def let_go(self, value):
-        """If ``value`` is a dict or list the document adopted and no longer
-        holds, let it go, to be adopted again; whether it did."""
-        for n, record in enumerate(self.adopted or ()):
-            if record[0] is value:
-                if _in_place(record[1], self.subject):
-                    return False
-                self.map.disown(record[3])
-                del self.adopted[n]
-                return True
-        return False
 
     def sync(self):
         """Make the changes made to adopted values through the user's own

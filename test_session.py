@@ -67,7 +67,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize,
 import session
 from session import FlushError, Session
 from tools.forwarder import Forwarder, is_bulk_docs, quorum_not_met
-from tools.localserver import temporary_database
+from tools.localserver import (SERVER_EXECUTABLE, _stop_process,
+                               _wait_until_ready, find_free_port,
+                               temporary_database)
 
 
 # -- Fixtures and helpers -----------------------------------------------------
@@ -2612,6 +2614,199 @@ def test_iterdocs_over_equal_keys_with_a_writer_deleting_read_rows(
             other.delete(gone)
     assert met == expected and sorted(met) == ids
     assert all(db[id]['v'] == 'done' for id in ids if id in db)
+
+
+# -- iterdocs and adopted values, from an outside review ----------------------
+
+def test_iterdocs_keeps_a_summary_read_inside_the_loop(db):
+    """A summary the job first reads inside its loop is the job's own, not
+    the batch's: it stays in the session, and every increment is
+    written."""
+    for n in range(5):
+        put(db, 'job-%d' % n, state='old')
+    put(db, 'summary', count=0)
+    S = Session(db)
+    summary = None
+    for doc in S.iterdocs(batch=2, startkey='job-', endkey='job.'):
+        if summary is None:
+            summary = S['summary']
+        doc['state'] = 'new'
+        summary['count'] += 1
+    S.flush()
+    assert stored(db, 'summary')['count'] == 5
+
+
+def test_iterdocs_keeps_a_document_the_job_created(db):
+    """A report the job creates in its loop stays in the session: every id
+    appended to it is written."""
+    for n in range(5):
+        put(db, 'job-%d' % n, state='old')
+    S = Session(db)
+    report = None
+    for doc in S.iterdocs(batch=2, startkey='job-', endkey='job.'):
+        if report is None:
+            report = S[S.create({'_id': 'report', 'ids': []})]
+        report['ids'].append(doc.id)
+    S.flush()
+    assert stored(db, 'report')['ids'] == ['job-%d' % n for n in range(5)]
+
+
+def test_iterdocs_keeps_a_parent_cached_across_batches(db):
+    """Parents the job reads and keeps in a cache of its own stay in the
+    session across batches: each counts all its children."""
+    put(db, 'p-a', children=0)
+    put(db, 'p-b', children=0)
+    for n in range(8):
+        put(db, 'c-%d' % n, parent='p-a' if n % 2 else 'p-b')
+    S = Session(db)
+    parents = {}
+    for doc in S.iterdocs(batch=3, startkey='c-', endkey='c.'):
+        parent = parents.get(doc['parent'])
+        if parent is None:
+            parent = parents[doc['parent']] = S[doc['parent']]
+        parent['children'] += 1
+    S.flush()
+    assert (stored(db, 'p-a')['children'], stored(db, 'p-b')['children']) \
+        == (4, 4)
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_iterdocs_rows_of_object_keys_differing_in_member_order(db, batch):
+    """Object keys collate member by member, in order: {"a":1,"b":2} and
+    {"b":2,"a":1} are two keys, and the cursor tells them apart, handing
+    out every document once, in the view's order (it once dropped one, or
+    asked the same page for ever)."""
+    db['_design/o'] = {'views': {'obj': {
+        'map': 'function (doc) { if (doc.k) emit(doc.k, null); }'}}}
+    db.save({'_id': 'x', 'k': {'a': 0}})
+    db.save({'_id': 'z', 'k': {'a': 1, 'b': 2}})
+    db.save({'_id': 'a', 'k': {'b': 2, 'a': 1}})
+    db.save({'_id': 'm', 'k': {'c': 0}})
+    expected = [row.id for row in db.view('o/obj')]
+    assert expected == ['x', 'z', 'a', 'm']
+    S = Session(db, max_requests=60)
+    it = S.iterdocs('o/obj', batch=batch)
+    assert [doc.id for doc in it] == expected
+
+
+def test_a_dict_moved_to_another_document_stays_the_users_own(db):
+    """The user's dict stored in one document, taken out of it and stored in
+    another, stays the user's own: a change through their reference is
+    written to the second document."""
+    put(db, 'a', v=0)
+    put(db, 'b', v=0)
+    S = Session(db)
+    a, b = S['a'], S['b']
+    y = {}
+    a['x'] = y
+    del a['x']
+    b['x'] = y
+    y['k'] = 1
+    S.flush()
+    assert stored(db, 'b') == {'_id': 'b', 'v': 0, 'x': {'k': 1}}
+    assert stored(db, 'a') == {'_id': 'a', 'v': 0}
+
+
+@pytest.fixture
+def disk_db(tmp_path):
+    """A database of PouchDB Server as it runs by default: on disk
+    (LevelDB), not --in-memory."""
+    port = find_free_port()
+    url = 'http://127.0.0.1:%d/' % port
+    (tmp_path / 'config.json').write_text('{}')
+    log = tmp_path / 'server.log'
+    with open(str(log), 'ab') as out:
+        process = subprocess.Popen(
+            [SERVER_EXECUTABLE, '--host', '127.0.0.1', '--port', str(port),
+             '--dir', str(tmp_path / 'data'),
+             '--config', str(tmp_path / 'config.json'), '--no-color'],
+            cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert _wait_until_ready(process, url, str(log))
+        yield couchdb.Server(url).create('disk')
+    finally:
+        _stop_process(process)
+
+
+@pytest.mark.parametrize('batch', [1, 2, 3])
+def test_iterdocs_on_pouchdb_server_on_disk_pages_equal_keys(disk_db, batch):
+    """PouchDB Server on disk (LevelDB, its default) orders ids by their
+    UTF-8 bytes, as CouchDB does, unlike in memory: every document comes
+    once, in the view's order."""
+    db = disk_db
+    assert 'adapter' in db.info()
+    db['_design/one'] = {'views': {'key': {
+        'map': 'function (doc) { if (doc.n !== undefined) emit("k", null); }'}}}
+    ids = ['a', 'a\U0001F600', 'a\uE000', 'a\uFFFD', 'b\U00010000', 'b',
+           'b\uE001', 'c\u4e00', '\U0001F601', '\uFF21']
+    db.update([{'_id': id, 'n': n} for n, id in enumerate(ids)])
+    expected = [row.id for row in db.view('one/key')]
+    assert expected.index('a\uE000') < expected.index('a\U0001F600')
+    S = Session(db, max_requests=200)
+    assert [doc.id for doc in S.iterdocs('one/key', batch=batch)] == expected
+
+
+@pytest.mark.parametrize('batch, keep_every', [(4, 3), (5, 2)])
+def test_iterdocs_job_deleting_most_of_the_last_keys_rows(db, by_group,
+                                                          batch, keep_every):
+    """A clean-up job deleting most of what it meets in the view's last
+    key: the rows it deleted leave the key shorter than the cursor's skip,
+    and the rest of the key's documents still come, once."""
+    numbered(db, 30)
+    expected = [row.id for row in db.view('g/by_group', key=0)]
+    S = Session(db)
+    met = []
+    for doc in S.iterdocs('g/by_group', batch=batch, key=0):
+        met.append(doc.id)
+        if len(met) % keep_every:
+            S.delete(doc)
+    assert met == expected
+
+
+def test_iterdocs_other_writer_deleting_read_rows_of_the_last_key(
+        db, by_group):
+    """Another writer deleting rows read already in the last key: the rest
+    of the key's documents still come, once."""
+    numbered(db, 30)
+    expected = [row.id for row in db.view('g/by_group')]
+    other = couchdb.Database(db.resource.url)
+    S = Session(db)
+    met = []
+    for doc in S.iterdocs('g/by_group', batch=3):
+        met.append(doc.id)
+        if doc.id == 'n020':            # key 2: n002 ... n017 read already
+            for id in ('n005', 'n008', 'n011', 'n014'):
+                other.delete(other[id])
+    assert met == expected
+
+
+def test_a_resumed_job_meets_the_rest_after_read_rows_went(db, by_group):
+    """Rows read by a stopped run are deleted before the job runs again: the
+    rerun hands out the documents it had not reached, and only then
+    records the job finished."""
+    numbered(db, 30)
+    expected = [row.id for row in db.view('g/by_group', key=0)]
+    S = Session(db)
+    first = []
+    it = S.iterdocs('g/by_group', batch=3, key=0, checkpoint='job')
+    for doc in it:
+        first.append(doc.id)
+        doc['v'] = 1
+        record = db.get('_local/session-checkpoint-job')
+        if record is not None and record['done'] >= 6:
+            break                       # a batch began after the record
+    done = record['done']
+    assert first[:done] == expected[:done]
+    for id in first[1:done - 1]:        # read rows, before the anchor
+        db.delete(db[id])
+    rest = []
+    again = Session(db).iterdocs('g/by_group', batch=3, key=0,
+                                 checkpoint='job')
+    for doc in again:
+        rest.append(doc.id)
+        doc['v'] = 1
+    assert rest == expected[done:]
 
 
 # -- Replication conflicts -----------------------------------------------------
