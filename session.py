@@ -1982,8 +1982,11 @@ class _DocIterator(object):
         record = self.session._db.get(self.checkpoint)
         if record is None:
             return
-        if dict((name, record.get(name, False if name == 'design_docs' else
-                                  None)) for name in self.job) != self.job:
+        recorded = dict((name, record.get(name, False if name == 'design_docs'
+                                          else None)) for name in self.job)
+        # Compared as JSON: to Python, the option key=1 is key=True.
+        if _json.dumps(recorded, sort_keys=True) != \
+                _json.dumps(self.job, sort_keys=True):
             raise ValueError(
                 'iterdocs() checkpoint %r was recorded for view %r with '
                 'options %r, not for %r with %r: give this job a name of its '
