@@ -4591,7 +4591,10 @@ class _Flush(object):
             try:
                 content = _merge_documents(base, mine, theirs,
                                            entry.state is _NEW)
-                _check_attachments(base, theirs, entry.attachments)
+                if theirs is not None or entry.state is not _NEW:
+                    # (A document created again over a deletion has
+                    # attachments of its own, as its content.)
+                    _check_attachments(base, theirs, entry.attachments)
             except _MergeConflict as conflict:
                 return _ResourceConflict(('conflict', str(conflict)))
         else:

@@ -6593,6 +6593,25 @@ def test_a_write_on_connections_the_server_closed_is_no_lost_answer(
     assert S.has_changes()
 
 
+def test_merge_writes_a_document_created_again_with_an_attachment_over_a_deletion(
+        db):
+    """Deleted in the session, created again with an attachment of its
+    own, while another writer deleted it too: 'merge' has nothing of the
+    server's to merge, and writes the new document with its attachment
+    (found by the soak: it was refused as a clash)."""
+    put(db, 'b')
+    S = Session(db, on_conflict='merge')
+    S.get_many(['a', 'b'])
+    del S['b']
+    other = couchdb.Database(db.resource.url)
+    other.delete(other['b'])
+    S['b'] = {'n': 1}
+    S.put_attachment(S['b'], b'new', 'f.bin')
+    S.flush()
+    assert stored(db, 'b')['n'] == 1
+    assert db.get_attachment('b', 'f.bin').read() == b'new'
+
+
 def test_merge_with_a_deletion_of_an_attachment_put_back_as_it_was(db):
     """'merge': an attachment the session puts again with the content it
     has is no change of its own; another writer's deletion of the document
