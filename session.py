@@ -3152,6 +3152,10 @@ class _IdentityMap(object):
         entry.state = _NEW
         entry.base = {}
         entry.copies = entry.marked = None
+        # The attachments a lost write carried were the old content's: the
+        # new document has none of them (its write drops any that landed).
+        # What was sent stays, to recognise that write.
+        entry.carried = None
         self.pending[entry.id] = entry
 
     def rebase(self, entry, content, rev, theirs):

@@ -6593,10 +6593,6 @@ def test_a_write_on_connections_the_server_closed_is_no_lost_answer(
     assert S.has_changes()
 
 
-@pytest.mark.xfail(reason='known, found by the soak: after a write whose '
-                   'answer was lost, the attachments it carried still count '
-                   'as the document\'s once it is deleted and created again '
-                   'in the session', strict=False)
 def test_a_document_created_again_after_a_lost_write_has_none_of_its_attachments(
         db, remote, forwarder):
     """A write carrying an attachment loses its answer; the document is
