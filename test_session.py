@@ -2844,6 +2844,13 @@ def content_of(doc):
                 if k not in ('_id', '_rev', '_revisions', '_conflicts'))
 
 
+def resolved_content(db, id):
+    """The content of ``id`` on the server, which has no conflicts left."""
+    doc = db.get(id, conflicts=True)
+    assert '_conflicts' not in doc
+    return content_of(doc)
+
+
 def test_conflicts_lists_the_losing_leaves_oldest_first(db, wire):
     """conflicts(): the losers as plain dicts with their _rev, oldest
     first, for one request; [] for a document without conflicts."""
@@ -2875,9 +2882,7 @@ def test_resolve_conflicts_merges_every_loser_and_deletes_them(db, wire,
     S.flush()
     assert [len(body['docs']) for body in wire.bulk_bodies()] == [1,
                                                                   count - 1]
-    doc = db.get('a', conflicts=True)
-    assert '_conflicts' not in doc
-    assert content_of(doc) == dict([('shared', 0)] + [
+    assert resolved_content(db, 'a') == dict([('shared', 0)] + [
         ('x%d' % n, n) for n in range(count)])
     assert not S.has_changes()
 
@@ -2981,9 +2986,7 @@ def test_a_writer_moving_the_winner_meanwhile(db, policy):
         assert len(leaf_values(db, 'a')) == 2
         return
     S.flush()
-    doc = db.get('a', conflicts=True)
-    assert '_conflicts' not in doc
-    assert content_of(doc) == {'x': 1, 'y': 1, 'z': 'theirs'}
+    assert resolved_content(db, 'a') == {'x': 1, 'y': 1, 'z': 'theirs'}
 
 
 @pytest.mark.parametrize('which', [1, 2])
@@ -2998,9 +3001,7 @@ def test_a_dropped_answer_while_resolving_loses_nothing(db, remote,
     forwarder.fail('drop_answer', when=bulk_docs_numbered(which, which),
                    times=1)
     S.flush()
-    doc = db.get('a', conflicts=True)
-    assert '_conflicts' not in doc
-    assert content_of(doc) == {'x': 1, 'y': 1, 'w': 1}
+    assert resolved_content(db, 'a') == {'x': 1, 'y': 1, 'w': 1}
     assert not S.has_changes()
 
 
@@ -3054,9 +3055,8 @@ def test_replicated_conflicts_are_resolved(server_url, db):
         S = Session(db)
         S.resolve_conflicts('a')
         S.flush()
-        doc = db.get('a', conflicts=True)
-        assert '_conflicts' not in doc
-        assert content_of(doc) == {'shared': 0, 'mine': 1, 'theirs': 1}
+        assert resolved_content(db, 'a') == {'shared': 0, 'mine': 1,
+                                             'theirs': 1}
     finally:
         del server[name]
 
@@ -3151,9 +3151,7 @@ def test_each_loser_merges_on_its_nearest_ancestor_with_what_was_folded(db):
     S = Session(db)
     S.resolve_conflicts('a')
     S.flush()
-    doc = db.get('a', conflicts=True)
-    assert '_conflicts' not in doc
-    assert content_of(doc) == {'f': 0, 'w': 1, 'x': 1}
+    assert resolved_content(db, 'a') == {'f': 0, 'w': 1, 'x': 1}
 
 
 def test_resolving_after_a_lost_answer_recognises_the_write(db, remote,
@@ -3169,9 +3167,7 @@ def test_resolving_after_a_lost_answer_recognises_the_write(db, remote,
         S.flush()
     S.resolve_conflicts('a')
     S.flush()
-    doc = db.get('a', conflicts=True)
-    assert '_conflicts' not in doc
-    assert content_of(doc) == {'x': 1, 'y': 1, 'mine': 1}
+    assert resolved_content(db, 'a') == {'x': 1, 'y': 1, 'mine': 1}
 
 
 # -- Friendliness -------------------------------------------------------------
