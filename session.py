@@ -1967,9 +1967,7 @@ class _DocIterator(object):
         for entry in self.batch_entries:
             if entry.id not in self.held_before and \
                     entries.get(entry.id) is entry and \
-                    entry.state is _CLEAN and entry.sent is None and not (
-                        entry.attachments.changes or entry.losers or
-                        entry.clash):
+                    entry.state is _CLEAN and not entry.unsettled():
                 session._map.forget(entry)
         self.batch_entries = []
         self.batch_started = False
@@ -3296,8 +3294,7 @@ class _IdentityMap(object):
         it has none."""
         if entry.map is not self or entry.state is not _CLEAN:
             return
-        if entry.attachments.changes or entry.adopted or \
-                entry.sent is not None or entry.losers or entry.clash:
+        if entry.adopted or entry.unsettled():
             self.pending[entry.id] = entry
         else:
             self.pending.pop(entry.id, None)
@@ -3374,6 +3371,13 @@ class _Entry(object):
         return self.doc.__subject__
 
     # Adopted values.
+
+    def unsettled(self):
+        """Whether a CLEAN entry has work left that is the server's to
+        answer: attachment changes, a write of unknown outcome, losing
+        leaves to delete, a clash to report."""
+        return bool(self.attachments.changes or self.sent is not None or
+                    self.losers or self.clash)
 
     def sync(self):
         """Make the changes made to adopted values through the user's own
