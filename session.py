@@ -4771,8 +4771,26 @@ _JSON_BODY = {'Content-Type': 'application/json'}
 # their sizes and to find bad strings before sending: as python-couchdb's
 # own encoder does (no NaN, UTF-8 as it is), without its spaces. Its
 # checks have already refused what JSON cannot carry.
-_encode = _json.JSONEncoder(allow_nan=False, ensure_ascii=False,
-                            separators=(',', ':')).encode
+#
+# A flush encodes every document it writes, so the encoder is made once:
+# `json.JSONEncoder.encode` makes a new C encoder at each call, which costs
+# as much as encoding a small document. It keeps no record of the
+# containers it is in (``markers``): nothing it meets can hold itself, and
+# that record would need clearing after an error. Without the C
+# accelerator (as on PyPy), the pure Python encoder does the same.
+def _make_encoder():
+    python = _json.JSONEncoder(allow_nan=False, ensure_ascii=False,
+                               separators=(',', ':'))
+    make = getattr(_json.encoder, 'c_make_encoder', None)
+    if make is None:
+        return python.encode
+    encoder = make(None, python.default, _json.encoder.encode_basestring,
+                   None, ':', ',', False, False, False)
+    join = ''.join
+    return lambda value: join(encoder(value, 0))
+
+
+_encode = _make_encoder()
 
 # The errors of PouchDB's 500 for a document it cannot read (CouchDB's 400).
 _DOCUMENT_ERRORS = frozenset(['doc_validation', 'illegal_docid',
