@@ -509,16 +509,18 @@ class Session(object):
         """
         ids = list(ids)
         for id in ids:
-            _check_id(id)
+            if type(id) is not str:
+                _check_id(id)
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
+            track = self._map.track
             for _, doc in _read_many(self._db, wanted).values():
                 if doc is not None:
-                    self._track(_Document(doc))
+                    track(_Document(doc))
         docs = []
         for id in ids:
-            entry = self._map.entries.get(id)
+            entry = held.get(id)
             live = entry is not None and entry.state is not _DELETED
             docs.append(entry.doc if live else None)
         return docs
@@ -1697,9 +1699,16 @@ def _read_many(db, keys, tombstones=False):
             db.get(key)
         if doc is not None:
             found[key] = (doc['_rev'], doc)
-    keys = [key for key in keys if not _key_id(key).startswith('_local/')]
+    if local:
+        keys = [key for key in keys
+                if not _key_id(key).startswith('_local/')]
     url = db.resource.url
-    batches = _distinct_batches(keys)
+    if all(type(key) is str for key in keys):
+        # Distinct ids, the usual case: batches in order.
+        batches = [keys[start:start + _READ_BATCH]
+                   for start in range(0, len(keys), _READ_BATCH)]
+    else:
+        batches = _distinct_batches(keys)
     for number, batch in enumerate(batches):
         if url in _NO_BULK_GET:
             found.update(_read_without_bulk_get(db, batch))
@@ -1750,10 +1759,18 @@ def _bulk_get(db, keys, tombstones):
                    for result in answer.get('results') or [])
     found, traceless = {}, []
     for key in keys:
+        items = results.get(key[0] if type(key) is tuple else key, ())
+        if len(items) == 1 and type(items[0]) is dict:
+            # The usual answer: one leaf.
+            doc = items[0].get('ok')
+            if type(doc) is dict:
+                found[key] = (doc['_rev'], None if doc.get('_deleted')
+                              else doc)
+                continue
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
-        leaves = _leaf_docs(results.get(_key_id(key), ()))
+        leaves = _leaf_docs(items)
         if leaves:
             doc = leaves[0] if len(leaves) == 1 else max(leaves, key=_winning)
             found[key] = (doc['_rev'], None if doc.get('_deleted') else doc)
@@ -2531,9 +2548,12 @@ def _mark(marked, proxy):
         parent = proxy._parent
         if parent is None:
             return
-        key = _place(parent.__subject__, proxy._key, subject)
-        if key is _MISSING:
-            return      # taken out of the document: not its change
+        container, key = parent.__subject__, proxy._key
+        if not (isinstance(container, dict) and
+                container.get(key, _MISSING) is subject):
+            key = _place(container, key, subject)     # lists, or moved
+            if key is _MISSING:
+                return      # taken out of the document: not its change
         proxy = parent
 
 
@@ -3407,7 +3427,8 @@ class _Entry(object):
 
     def diff(self):
         ops = []
-        self.sync()
+        if self.adopted:
+            self.sync()
         if self.state is _CLEAN:
             return ops
         try:
@@ -3432,8 +3453,11 @@ class _Entry(object):
         payload.pop('_deleted_conflicts', None)
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
-        stubs = self.attachments.payload(payload.get('_attachments'),
-                                         inline_limit)
+        attachments = self.attachments
+        if not (attachments.changes or attachments.digests):
+            return payload
+        stubs = attachments.payload(payload.get('_attachments'),
+                                    inline_limit)
         if stubs:
             payload['_attachments'] = stubs
         elif stubs is not None:
@@ -3756,6 +3780,13 @@ class _FlushPlan(object):
                         raise
                     self.problems[entry.id] = _not_sent(exc)
                     continue
+                if not entry.attachments.changes:
+                    # Most documents: no attachment work.
+                    if diff or entry.sent is not None:
+                        self.changed.append((entry, diff))
+                    else:
+                        self.unchanged.append(entry)
+                    continue
                 large = entry.attachments.large(inline_limit)
                 # A document whose last write's outcome is unknown goes
                 # again even if its changes cancelled out since: the server
@@ -3826,8 +3857,8 @@ class _FlushPlan(object):
         # A changed document was valid as fetched: only what its diff puts
         # in needs checking (`_diff_dict` checks the keys it adds).
         checks += [(entry, op['value'], op['path'])
-                   for entry, diff in self.changed
-                   for op in diff if 'value' in op]
+                   for entry, diff in self.changed for op in diff
+                   if 'value' in op and type(op['value']) not in _JSON_LEAVES]
         for entry, value, path in checks:
             try:
                 _check_json(entry.id, value, path)
@@ -4269,10 +4300,12 @@ class _Flush(object):
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        refusal = _too_large(id, payload, data,
-                             self.session.max_document_size)
+        limit = self.session.max_document_size
+        refusal = None if limit is None or len(data) <= limit else \
+            _too_large(id, payload, data, limit)
         if refusal is None:
-            self.release(id)
+            if id in self.encoded:
+                self.release(id)
             keep = self.keep_limit is None or \
                 self.kept + len(data) <= self.keep_limit
             self.encoded[id] = (payload, data if keep else None, len(data))
@@ -4287,11 +4320,18 @@ class _Flush(object):
             self.kept -= size
             self.encoded[id] = (payload, None, size)
 
-    def json_of(self, payload):
+    def json_of(self, payload, release=False):
         """The JSON of ``payload``, checked by `check`: kept, or made again
-        (the same bytes: JSON encoding is deterministic)."""
-        payload, data, _ = self.encoded[payload['_id']]
-        return data if data is not None else _encode(payload).encode('utf-8')
+        (the same bytes: JSON encoding is deterministic); with ``release``,
+        no longer kept."""
+        id = payload['_id']
+        payload, data, size = self.encoded[id]
+        if data is None:
+            return _encode(payload).encode('utf-8')
+        if release:
+            self.kept -= size
+            self.encoded[id] = (payload, None, size)
+        return data
 
     def batches(self, payloads):
         """``payloads`` in the batches of one request each, by
@@ -4333,17 +4373,21 @@ class _Flush(object):
             # A cluster short of the write quorum answers 202, and says so
             # in each row it only accepted.
             flagged = any('accepted' in row for row in rows)
+            results = self.results
             for payload in batch:
                 id = payload['_id']
                 row = answers.get(id)
-                outcome = self.outcomes[id] = _outcome(row)
                 entry = plan.entry(id)
-                if not isinstance(outcome, Exception):
-                    self.wrote[id] = outcome
-                    self.results.written(id, bool(row.get('accepted'))
-                                         if flagged else status == 202)
-                    self.map.written(entry, outcome, payload)
-                elif isinstance(outcome, _ResourceNotFound) and \
+                if row is not None and 'error' not in row:
+                    rev = self.outcomes[id] = self.wrote[id] = row['rev']
+                    accepted = bool(row.get('accepted')) if flagged else \
+                        status == 202
+                    if accepted or results.accepted:
+                        results.written(id, accepted)
+                    self.map.written(entry, rev, payload)
+                    continue
+                outcome = self.outcomes[id] = _outcome(row)
+                if isinstance(outcome, _ResourceNotFound) and \
                         payload.get('_deleted'):
                     # Gone already (a _local document leaves no tombstone
                     # to conflict with): nothing to delete, or to retry.
@@ -4389,9 +4433,7 @@ class _Flush(object):
         would retry it; the server then answers a conflict for what it had
         applied, which `settle` recognises."""
         body = b'{"docs":[%s]}' % b','.join(
-            self.json_of(payload) for payload in batch)
-        for payload in batch:
-            self.release(payload['_id'])
+            [self.json_of(payload, release=True) for payload in batch])
         options = {} if self.w is None else {'w': self.w}
         self.sent_any = True
         budget = self.session._budget
@@ -4829,17 +4871,22 @@ _STATUS_ERRORS = {400: 'bad_request', 412: 'precondition_failed',
 def _refusal(entry, payload, inline_limit):
     """The refusal, as python-couchdb's exception, of a document the
     server would refuse (`Session.flush` lists the rules), or ``None``."""
-    id = entry.id
-    problem = _id_problem(id) if id[:1] in ('', '_') else None
+    # The top-level members of a document changed only below them are the
+    # server's own: it took them.
+    copies = entry.copies
+    top_changed = copies is None or entry.state is not _DIRTY or \
+        entry.doc is None or id(entry.doc.__subject__) in copies
+    doc_id = entry.id
+    problem = _id_problem(doc_id) if doc_id[:1] in ('', '_') else None
     if problem is not None:
-        return _ServerError(('illegal_docid', 'document %r: %s' % (id,
-                                                                   problem)))
-    for key in payload:
+        return _ServerError(('illegal_docid', 'document %r: %s'
+                             % (doc_id, problem)))
+    for key in payload if top_changed else ():
         if key[:1] == '_' and key not in _SPECIAL_MEMBERS:
             return _ServerError((
                 'doc_validation', 'document %r: the top-level member %r '
                 'starts with "_", which CouchDB keeps for its own members '
-                '(Bad special document member)' % (id, key)))
+                '(Bad special document member)' % (doc_id, key)))
     names = payload.get('_attachments') or ()
     if entry.attachments.changes:
         names = list(names) + [name for name, _ in
@@ -4848,7 +4895,7 @@ def _refusal(entry, payload, inline_limit):
         if isinstance(name, str) and name[:1] == '_':
             return _ServerError((
                 'bad_request', 'document %r: the attachment name %r starts '
-                'with "_", which CouchDB refuses' % (id, name)))
+                'with "_", which CouchDB refuses' % (doc_id, name)))
     return None
 
 
@@ -5628,13 +5675,18 @@ def _diff_marked(ops, path, current, copies, marked):
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if id(new) in marked and type(new) in _CONTAINERS:
+            if type(new) in _CONTAINERS and id(new) in marked:
                 _diff_marked(ops, (path, key), new, copies, marked)
         elif new is _MISSING:
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _materialize(old, copies)})
-        elif not (type(old) in _JSON_LEAVES and type(old) is type(new) and
-                  old == new):
+        elif type(old) in _READ_LEAVES and type(new) in _READ_LEAVES:
+            # A scalar for a scalar, the most common change: what
+            # `_diff_value` would do, without its calls.
+            if type(old) is not type(new) or old != new:
+                ops.append({'op': 'replace', 'path': _pointer((path, key)),
+                            'value': new, 'was': old})
+        else:
             _diff_value(ops, (path, key), _materialize(old, copies), new)
     _diff_added(ops, path, before, current)
 
@@ -5660,14 +5712,17 @@ def _deep_diff_marked(ops, path, current, copies, marked, memo):
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if id(new) in marked and type(new) in _CONTAINERS:
+            if type(new) in _CONTAINERS and id(new) in marked:
                 yield _deep_diff_marked(ops, (path, key), new, copies, marked,
                                         memo)
         elif new is _MISSING:
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _materialize(old, copies)})
-        elif not (type(old) in _JSON_LEAVES and type(old) is type(new) and
-                  old == new):
+        elif type(old) in _READ_LEAVES and type(new) in _READ_LEAVES:
+            if type(old) is not type(new) or old != new:
+                ops.append({'op': 'replace', 'path': _pointer((path, key)),
+                            'value': new, 'was': old})
+        else:
             yield _deep_diff_value(ops, (path, key),
                                    _materialize(old, copies), new, memo)
     _diff_added(ops, path, before, current)
