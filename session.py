@@ -1986,6 +1986,11 @@ class _DocIterator(object):
                     entries.get(entry.id) is entry and \
                     entry.state is _CLEAN and not entry.unsettled():
                 session._map.forget(entry)
+                # The entry and its document refer to each other: without
+                # that, reference counting frees them (and the document's
+                # content) as soon as the job lets go of the document, and
+                # the garbage collector has no batch of cycles to find.
+                entry.doc = None
         self.batch_entries = []
         self.batch_started = False
         self.record(finished=False)

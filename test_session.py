@@ -2260,6 +2260,33 @@ def test_iterdocs_goes_over_every_document_once_in_bounded_memory(db, wire):
     assert not S.has_changes()
 
 
+def test_iterdocs_frees_a_written_batch_without_the_garbage_collector(db):
+    """A batch let go is freed by reference counting alone once the job
+    drops its documents: nothing of it waits in a reference cycle for the
+    garbage collector (which, for a job, would hold the batches and scan
+    them over and over). A document the job kept still reads, untracked."""
+    numbered(db, 9)
+    S = Session(db)
+    gone, kept = [], None
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for n, doc in enumerate(S.iterdocs(batch=3)):
+            doc['v'] = 'migrated'
+            gone.append(weakref.ref(doc))
+            if n == 1:
+                kept = doc
+            del doc
+        # The last batch was written and let go when the loop ended.
+        assert [ref() for ref in gone if ref() is not kept] == [None] * 8
+    finally:
+        if enabled:
+            gc.enable()
+    assert kept['v'] == 'migrated' and held_count(S) == 0
+    kept['w'] = 1                   # not the session's any more
+    assert not S.has_changes() and 'w' not in db[kept.id]
+
+
 def test_iterdocs_leaves_alone_what_was_held_when_the_loop_began(db):
     """A document read between iterdocs() and its loop (a summary the job
     counts into) is not the job's: it stays held, and every change to it
