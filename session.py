@@ -1241,6 +1241,13 @@ class Session(object):
         for entry in list(self._map.entries.values()):
             self._map.forget(entry)
 
+    def __del__(self):
+        # A session no one holds any more lets go of its documents at once
+        # (see `_IdentityMap.release`): those the user kept are plain.
+        held = self.__dict__.get('_map')
+        if held is not None:
+            held.close()
+
     def __enter__(self):
         return self
 
@@ -1985,12 +1992,7 @@ class _DocIterator(object):
             if entry.id not in self.held_before and \
                     entries.get(entry.id) is entry and \
                     entry.state is _CLEAN and not entry.unsettled():
-                session._map.forget(entry)
-                # The entry and its document refer to each other: without
-                # that, reference counting frees them (and the document's
-                # content) as soon as the job lets go of the document, and
-                # the garbage collector has no batch of cycles to find.
-                entry.doc = None
+                session._map.release(entry)
         self.batch_entries = []
         self.batch_started = False
         self.record(finished=False)
@@ -3337,6 +3339,23 @@ class _IdentityMap(object):
         entry.copies = entry.marked = entry.adopted = None
         if entry.state is not _DELETED:
             entry.state = _CLEAN
+
+    def release(self, entry):
+        """`forget` the entry, for good: it also lets go of its document.
+        The two refer to each other; without that, reference counting frees
+        them, and the document's content, as soon as nothing else holds the
+        document, instead of leaving a cycle for the garbage collector to
+        find (a job's batches, a web request's session: each full
+        collection goes over all of them). The document, if kept, stays
+        readable and is tracked no more."""
+        self.forget(entry)
+        entry.doc = None
+
+    def close(self):
+        """`release` every entry: the session is gone."""
+        for entry in list(self.entries.values()) + \
+                list(self.pending.values()):
+            self.release(entry)
 
 
 # -- Document entries ---------------------------------------------------------

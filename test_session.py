@@ -1739,6 +1739,36 @@ def test_expunge_stops_tracking_a_document(db, wire):
     assert wire.calls() == [('GET', 'a')]
 
 
+def test_a_dropped_session_frees_its_documents_without_the_garbage_collector(
+        db):
+    """A session dropped (at the end of a web request, say) lets go of its
+    documents at once: those the user no longer holds are freed by
+    reference counting alone, changed, created or deleted, as plain dicts
+    would be; one the user kept, and a dict kept from inside one, still
+    read as they were and are tracked by nothing."""
+    ids = numbered(db, 4, meta={'k': 1})
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        S = Session(db)
+        docs = S.get_many(ids)
+        docs[0]['meta']['k'] = 'changed'
+        S.delete(docs[1])
+        created = S[S.create({"v": "new"})]
+        kept, inner = docs[2], docs[3]['meta']
+        gone = [weakref.ref(doc) for doc in (docs[0], docs[1], created)]
+        del docs, created, S
+        assert [ref() for ref in gone] == [None] * 3
+    finally:
+        if enabled:
+            gc.enable()
+    kept['v'] = 'after'
+    inner['k'] = 2
+    assert kept['v'] == 'after' and kept.id == ids[2] and inner == {'k': 2}
+    assert 'v' not in db[ids[2]] and db[ids[3]]['meta'] == {'k': 1}
+    assert ids[1] in db and db[ids[0]]['meta'] == {'k': 1}
+
+
 def test_refresh_rereads_and_drops_local_changes(db):
     """refresh() re-reads the document into the same object."""
     put(db, 'a', v=1)
