@@ -1246,7 +1246,18 @@ class Session(object):
         # (see `_IdentityMap.release`): those the user kept are plain.
         held = self.__dict__.get('_map')
         if held is not None:
-            held.close()
+            held.sessions -= 1
+            if held.sessions <= 0:
+                held.close()
+
+    def __copy__(self):
+        # A copy is a second Session object for the same documents (as
+        # copying the object's attributes makes it): the last of the two
+        # to go lets go of them.
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        self._map.sessions += 1
+        return twin
 
     def __enter__(self):
         return self
@@ -3103,9 +3114,12 @@ def _root(document, entry):
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
 
-    __slots__ = ('entries', 'pending', 'owned', 'snapshots', 'adopters')
+    __slots__ = ('entries', 'pending', 'owned', 'snapshots', 'adopters',
+                 'sessions')
 
     def __init__(self):
+        # The `Session` objects holding the map (see `Session.__copy__`).
+        self.sessions = 1
         # id: _Entry of every document the session holds: read, created,
         # adopted or deleted.
         self.entries = {}
@@ -3463,6 +3477,15 @@ class _Entry(object):
                 _diff_dict(ops, None, self.base, self.subject)
         except _BadKey as exc:
             raise TypeError(_NOT_JSON % (self.id, exc))
+        except ValueError:
+            # Copying what changed met a dict or list holding itself: a
+            # plain value the user stored and changed through their own
+            # reference.
+            path = _holding_itself(self.subject)
+            if path is None:
+                raise
+            raise ValueError(_NOT_JSON % (self.id, _HOLDS_ITSELF % path)) \
+                from None
         return ops
 
     def payload(self, inline_limit=None):
@@ -3799,7 +3822,8 @@ class _FlushPlan(object):
             else:
                 try:
                     diff = entry.diff()
-                except TypeError as exc:        # a key that is no string
+                except (TypeError, ValueError) as exc:
+                    # A key that is no string, a value holding itself.
                     if strict:
                         raise
                     self.problems[entry.id] = _not_sent(exc)
@@ -3926,7 +3950,10 @@ def _check_json(id, value, path=''):
     problem = _json_problem(value)
     if problem is not None:
         keys, error, message = problem
-        path += ''.join('/' + _escape(key) for key in reversed(keys))
+        if message is _HOLDS_ITSELF:
+            path += _holding_itself(value) or ''
+        else:
+            path += ''.join('/' + _escape(key) for key in reversed(keys))
         raise error(_NOT_JSON % (id, message % (path or '/')))
 
 
@@ -3977,21 +4004,63 @@ def _json_problem(value):
     return _unwind(_deep_json_problem(value))
 
 
-def _deep_json_problem(value):
-    """The iterative twin of `_json_problem` (see `_unwind`)."""
+def _deep_json_problem(value, held=None):
+    """The iterative twin of `_json_problem` (see `_unwind`). ``held`` are
+    the ids of the dicts and lists around this one: a value holding itself
+    (through a plain dict the user stored and kept changing) is what makes
+    the recursive one too deep, and would loop here."""
     if not isinstance(value, (dict, list, tuple)):
         return _json_problem(value)         # no recursion for the others
+    if held is None:
+        held = set()
+    if id(value) in held:
+        return [], ValueError, _HOLDS_ITSELF
+    held.add(id(value))
     keyed = isinstance(value, dict)
     for key, item in value.items() if keyed else enumerate(value):
         if keyed and not isinstance(key, str):
             return [], TypeError, _BAD_KEY % (key, '%s', _a(key))
         if type(item) in _JSON_LEAVES:
             continue
-        problem = yield _deep_json_problem(item)
+        problem = yield _deep_json_problem(item, held)
         if problem is not None:
             problem[0].append(key)
             return problem
+    held.discard(id(value))
     return None
+
+
+_HOLDS_ITSELF = 'the dict or list at %s holds itself'
+
+
+def _holding_itself(value):
+    """The JSON Pointer of the first dict or list in ``value`` that holds
+    one of the dicts and lists around it (itself, in JSON's eyes), or
+    ``None``: found apart, to name the place of a loop once, not after
+    going round it as far as the stack went."""
+    around = {id(value): None}
+    stack = [('', iter(_members(value)))]
+    while stack:
+        path, members = stack[-1]
+        for key, item in members:
+            if isinstance(item, (dict, list, tuple)):
+                here = path + '/' + _escape(key)
+                if id(item) in around:
+                    return here
+                around[id(item)] = None
+                stack.append((here, iter(_members(item))))
+                break
+        else:
+            stack.pop()
+    return None
+
+
+def _members(value):
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return list(enumerate(value))
+    return []
 
 
 # -- One flush ----------------------------------------------------------------

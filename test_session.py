@@ -1769,6 +1769,24 @@ def test_a_dropped_session_frees_its_documents_without_the_garbage_collector(
     assert ids[1] in db and db[ids[0]]['meta'] == {'k': 1}
 
 
+def test_a_dropped_copy_of_a_session_leaves_the_original_its_documents(db):
+    """copy.copy(S) is a second Session object for the same documents:
+    dropping it leaves S holding them, with its changes and creations,
+    and the last of the two to go lets go of them."""
+    put(db, 'a', v=1)
+    S = Session(db)
+    doc = S['a']
+    doc['v'] = 2
+    S.create({'_id': 'new', 'v': 1})
+    twin = copy.copy(S)
+    assert twin['a'] is doc
+    del twin
+    gc.collect()
+    assert S.has_changes() and S['a'] is doc
+    S.flush()
+    assert db['a']['v'] == 2 and stored(db, 'new') == {'_id': 'new', 'v': 1}
+
+
 def test_refresh_rereads_and_drops_local_changes(db):
     """refresh() re-reads the document into the same object."""
     put(db, 'a', v=1)
@@ -6013,6 +6031,40 @@ def test_a_plain_value_taken_out_of_the_document_is_no_longer_its(db):
     S.flush()
     assert content(db, 'a') == {'v': 'replaced'}
     assert not S.has_changes()
+
+
+@pytest.mark.parametrize('how', ['fetched', 'created', 'saved with _rev'])
+def test_a_plain_value_made_to_hold_itself_later_is_refused_by_name(
+        db, wire, how):
+    """A plain dict stored in a document, then made to hold itself through
+    the user's own reference: flush() refuses it at once, naming the
+    document and the place of the loop, sends nothing and loses nothing
+    (it used to loop forever for a created document, and to raise a
+    ValueError naming nothing for the others); undone, all is written."""
+    put(db, 'b', v=1)
+    S = Session(db)
+    if how == 'created':
+        S.create({'_id': 'a', 'v': 1})
+    else:
+        put(db, 'a', v=1)
+        if how == 'saved with _rev':
+            S.save(dict(db['a']))
+    mine = {'k': 1}
+    S['a']['m'] = mine
+    S['b']['v'] = 2
+    mine['self'] = mine
+    wire.clear()
+    with pytest.raises(ValueError) as caught:
+        S.flush()
+    assert str(caught.value).startswith(
+        "document 'a' holds what JSON cannot carry: the dict or list at "
+        "/m/self holds itself. Nothing was sent")
+    assert wire.calls() == [] and sorted(d.id for d in S.dirty + S.new) == [
+        'a', 'b']
+    del mine['self']
+    S.flush()
+    assert stored(db, 'a') == {'_id': 'a', 'v': 1, 'm': {'k': 1}}
+    assert stored(db, 'b') == {'_id': 'b', 'v': 2}
 
 
 def test_a_plain_value_holding_itself_or_a_part_twice(db):
