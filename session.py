@@ -410,7 +410,7 @@ class Session(object):
             return self._track(self._db[id])
         if entry.state is _DELETED:
             raise _ResourceNotFound(('not_found', 'deleted in this session'))
-        return entry.doc
+        return self._map.hand_out(entry)
 
     def __setitem__(self, id, content):
         """Create the document ``id`` with a copy of ``content``; if
@@ -477,7 +477,7 @@ class Session(object):
                 return default
         if entry.state is _DELETED:
             return default
-        return entry.doc
+        return self._map.hand_out(entry)
 
     def _with_conflicts(self, id, default):
         """`get` with ``conflicts=True``: the tracked document, its
@@ -491,10 +491,10 @@ class Session(object):
         try:
             winner, losers = self._leaves(id)
         except _ResourceNotFound:
-            return entry.doc
+            return self._map.hand_out(entry)
         if winner['_rev'] == entry.subject.get('_rev'):
             _show_conflicts(entry, [loser['_rev'] for loser in losers])
-        return entry.doc
+        return self._map.hand_out(entry)
 
     def get_many(self, ids):
         """The tracked documents with these ids, in order, with ``None`` for
@@ -522,7 +522,7 @@ class Session(object):
         for id in ids:
             entry = held.get(id)
             live = entry is not None and entry.state is not _DELETED
-            docs.append(entry.doc if live else None)
+            docs.append(self._map.hand_out(entry) if live else None)
         return docs
 
     def view(self, name, wrapper=None, **options):
@@ -663,7 +663,8 @@ class Session(object):
             if entry is not None and entry.state is _DELETED:
                 continue
             if not partial:
-                doc = self._track(doc) if entry is None else entry.doc
+                doc = self._track(doc) if entry is None else \
+                    self._map.hand_out(entry)
             yield wrapper(doc) if wrapper is not None else doc
 
     # Replication conflicts.
@@ -1936,12 +1937,14 @@ class _DocIterator(object):
                     self.end_batch()
                 if not self.next_batch():
                     self.over = True
+                    self.session._map.asked = None
                     self.record(finished=True)
                     raise StopIteration
         except StopIteration:
             raise
         except BaseException:
             self.over = True        # stopped; the next run resumes
+            self.session._map.asked = None
             raise
         self.done += 1
         return self.queue.popleft()
@@ -1951,6 +1954,8 @@ class _DocIterator(object):
         session = self.session
         if self.held_before is None:
             self.held_before = set(session._map.entries)
+            if session._map.asked is None:
+                session._map.asked = set()
         rows = self.cursor.page(self.batch)
         if not rows:
             return False
@@ -1966,7 +1971,7 @@ class _DocIterator(object):
             # Tracked, even at the revision a link names: a job's documents
             # are to change (a stale one meets a conflict, and the batch
             # lets it go).
-            doc = session._included(_Document(doc), None)
+            doc = self.included(_Document(doc))
             # A document of several rows of the batch comes once.
             if doc is not None and id(doc) not in queued:
                 queued.add(id(doc))
@@ -1974,6 +1979,16 @@ class _DocIterator(object):
                 self.batch_entries.append(doc._entry)
         self.batch_started = True
         return True
+
+    def included(self, document):
+        """The session's document for ``document`` of a batch, which is
+        not one the loop asked for (see `_IdentityMap.hand_out`)."""
+        map = self.session._map
+        asked, map.asked = map.asked, None
+        try:
+            return self.session._included(document, None)
+        finally:
+            map.asked = asked
 
     def end_batch(self):
         """Write what is pending, let the batch's documents go, record the
@@ -1998,10 +2013,10 @@ class _DocIterator(object):
         # the job holds besides, read or created in its loop, stays): one
         # whose only work left is to watch plain values the job stored in it
         # goes too, as its other references do.
-        entries = session._map.entries
+        entries, asked = session._map.entries, session._map.asked or ()
         for entry in self.batch_entries:
-            if entry.id not in self.held_before and \
-                    entries.get(entry.id) is entry and \
+            if entry.id not in self.held_before and entry.id not in asked \
+                    and entries.get(entry.id) is entry and \
                     entry.state is _CLEAN and not entry.unsettled():
                 session._map.release(entry)
         self.batch_entries = []
@@ -3115,11 +3130,15 @@ class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
 
     __slots__ = ('entries', 'pending', 'owned', 'snapshots', 'adopters',
-                 'sessions')
+                 'sessions', 'asked')
 
     def __init__(self):
         # The `Session` objects holding the map (see `Session.__copy__`).
         self.sessions = 1
+        # While an iterdocs job runs: the ids of the documents its loop
+        # asked the session for itself (see `hand_out`), which its batches
+        # keep; otherwise None.
+        self.asked = None
         # id: _Entry of every document the session holds: read, created,
         # adopted or deleted.
         self.entries = {}
@@ -3150,7 +3169,18 @@ class _IdentityMap(object):
         entry = self.entries.get(document['_id'])
         if entry is None:
             entry = self.add(_Entry(document['_id'], document, _CLEAN))
+        if self.asked is not None:
+            self.asked.add(entry.id)
         return entry
+
+    def hand_out(self, entry):
+        """The document of ``entry``, held already, for a read of the
+        user's: a job's loop that asks for a document itself (a summary it
+        counts into) keeps it, even if it is also one of the job's batch
+        (see `_DocIterator.end_batch`)."""
+        if self.asked is not None:
+            self.asked.add(entry.id)
+        return entry.doc
 
     def touch(self, entry):
         """Before the first change of a CLEAN document: from now on each of

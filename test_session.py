@@ -2715,6 +2715,28 @@ def test_iterdocs_keeps_a_summary_read_inside_the_loop(db):
     assert stored(db, 'summary')['count'] == 5
 
 
+@pytest.mark.parametrize('summary_id', ['n001', 'n004', 'zz-summary'])
+def test_iterdocs_keeps_a_document_the_loop_reads_even_from_its_batch(
+        db, summary_id):
+    """A document the job's loop reads itself (a summary it counts into)
+    stays the session's for the whole loop, and every change to it is
+    written, also when it is a document of the batch being handed out (it
+    used to be let go with its batch, its later changes lost) or of a
+    batch to come."""
+    numbered(db, 9)
+    put(db, 'zz-summary', count=0)
+    S = Session(db)
+    summary = None
+    for doc in S.iterdocs(batch=3, startkey='n', endkey='o'):
+        if summary is None:
+            summary = S[summary_id]     # read once, kept by the job
+        summary['count'] = summary.get('count', 0) + 1
+        doc['v'] = 'migrated'
+    S.flush()
+    assert stored(db, summary_id)['count'] == 9
+    assert all(stored(db, 'n%03d' % n)['v'] == 'migrated' for n in range(9))
+
+
 def test_iterdocs_keeps_a_document_the_job_created(db):
     """A report the job creates in its loop stays in the session: every id
     appended to it is written."""
