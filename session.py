@@ -1375,7 +1375,8 @@ class Session(object):
         for key in keys:
             entry = None if key is None else held.get(_key_id(key))
             if entry is not None:
-                docs.append(None if entry.state is _DELETED else entry.doc)
+                docs.append(None if entry.state is _DELETED else
+                            self._map.hand_out(entry))
                 continue
             _, doc = fetched.get(key, (None, None))
             docs.append(None if doc is None else

@@ -2715,9 +2715,10 @@ def test_iterdocs_keeps_a_summary_read_inside_the_loop(db):
     assert stored(db, 'summary')['count'] == 5
 
 
+@pytest.mark.parametrize('how', ['by id', 'from a view'])
 @pytest.mark.parametrize('summary_id', ['n001', 'n004', 'zz-summary'])
 def test_iterdocs_keeps_a_document_the_loop_reads_even_from_its_batch(
-        db, summary_id):
+        db, summary_id, how):
     """A document the job's loop reads itself (a summary it counts into)
     stays the session's for the whole loop, and every change to it is
     written, also when it is a document of the batch being handed out (it
@@ -2728,8 +2729,10 @@ def test_iterdocs_keeps_a_document_the_loop_reads_even_from_its_batch(
     S = Session(db)
     summary = None
     for doc in S.iterdocs(batch=3, startkey='n', endkey='o'):
-        if summary is None:
-            summary = S[summary_id]     # read once, kept by the job
+        if summary is None:             # read once, kept by the job
+            summary = S[summary_id] if how == 'by id' else [
+                row.doc for row in S.view('_all_docs', key=summary_id,
+                                          include_docs=True)][0]
         summary['count'] = summary.get('count', 0) + 1
         doc['v'] = 'migrated'
     S.flush()
