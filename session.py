@@ -509,8 +509,7 @@ class Session(object):
         """
         ids = list(ids)
         for id in ids:
-            if type(id) is not str:
-                _check_id(id)
+            _check_id(id)
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
@@ -1723,12 +1722,7 @@ def _read_many(db, keys, tombstones=False):
         keys = [key for key in keys
                 if not _key_id(key).startswith('_local/')]
     url = db.resource.url
-    if all(type(key) is str for key in keys):
-        # Distinct ids, the usual case: batches in order.
-        batches = [keys[start:start + _READ_BATCH]
-                   for start in range(0, len(keys), _READ_BATCH)]
-    else:
-        batches = _distinct_batches(keys)
+    batches = _distinct_batches(keys)
     for number, batch in enumerate(batches):
         if url in _NO_BULK_GET:
             found.update(_read_without_bulk_get(db, batch))
@@ -1750,9 +1744,13 @@ def _key_id(key):
 
 
 def _distinct_batches(keys):
-    """``keys`` in batches of at most `_READ_BATCH`, none naming one id
-    twice: PouchDB Server answers a ``_bulk_get`` asking for an id twice
-    with one result for both."""
+    """``keys`` (distinct) in batches of at most `_READ_BATCH`, none naming
+    one id twice: PouchDB Server answers a ``_bulk_get`` asking for an id
+    twice with one result for both."""
+    if all(type(key) is str for key in keys):
+        # Distinct ids, the usual case: batches in order.
+        return [keys[start:start + _READ_BATCH]
+                for start in range(0, len(keys), _READ_BATCH)]
     batches, first = [], 0          # batches[first:] may have room
     for key in keys:
         id = _key_id(key)
@@ -1779,14 +1777,7 @@ def _bulk_get(db, keys, tombstones):
                    for result in answer.get('results') or [])
     found, traceless = {}, []
     for key in keys:
-        items = results.get(key[0] if type(key) is tuple else key, ())
-        if len(items) == 1 and type(items[0]) is dict:
-            # The usual answer: one leaf.
-            doc = items[0].get('ok')
-            if type(doc) is dict:
-                found[key] = (doc['_rev'], None if doc.get('_deleted')
-                              else doc)
-                continue
+        items = results.get(_key_id(key), ())
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
@@ -1795,8 +1786,7 @@ def _bulk_get(db, keys, tombstones):
             doc = leaves[0] if len(leaves) == 1 else max(leaves, key=_winning)
             found[key] = (doc['_rev'], None if doc.get('_deleted') else doc)
         elif not isinstance(key, tuple) and not any(
-                'error' in doc or 'missing' in doc
-                for doc in results.get(key, ())):
+                'error' in doc or 'missing' in doc for doc in items):
             traceless.append(key)
     if tombstones and traceless:
         for row in _all_docs(db, traceless):
@@ -3848,6 +3838,10 @@ class _FlushPlan(object):
             if entry.state is _DELETED:
                 self.deleted.append(entry)
                 continue
+            # Most documents have no attachment work: no call for them.
+            attachments = entry.attachments
+            large = attachments.large(inline_limit) if attachments.changes \
+                else ()
             if entry.state is _NEW:
                 self.created.append(entry)
             else:
@@ -3859,24 +3853,17 @@ class _FlushPlan(object):
                         raise
                     self.problems[entry.id] = _not_sent(exc)
                     continue
-                if not entry.attachments.changes:
-                    # Most documents: no attachment work.
-                    if diff or entry.sent is not None:
-                        self.changed.append((entry, diff))
-                    else:
-                        self.unchanged.append(entry)
-                    continue
-                large = entry.attachments.large(inline_limit)
                 # A document whose last write's outcome is unknown goes
                 # again even if its changes cancelled out since: the server
                 # may hold what was sent. (An upload that goes anyway meets
                 # the same conflict.)
-                if diff or (entry.sent is not None and not large) or \
-                        entry.attachments.inline(inline_limit):
+                if diff or (entry.sent is not None and not large) or (
+                        attachments.changes and
+                        attachments.inline(inline_limit)):
                     self.changed.append((entry, diff))
                 elif not large:
                     self.unchanged.append(entry)
-            if entry.attachments.large(inline_limit):
+            if large:
                 self.uploads.append(entry)
 
     def __bool__(self):
@@ -4424,9 +4411,8 @@ class _Flush(object):
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        limit = self.session.max_document_size
-        refusal = None if limit is None or len(data) <= limit else \
-            _too_large(id, payload, data, limit)
+        refusal = _too_large(id, payload, data,
+                             self.session.max_document_size)
         if refusal is None:
             if id in self.encoded:
                 self.release(id)
@@ -4449,12 +4435,11 @@ class _Flush(object):
         (the same bytes: JSON encoding is deterministic); with ``release``,
         no longer kept."""
         id = payload['_id']
-        payload, data, size = self.encoded[id]
+        payload, data, _ = self.encoded[id]
         if data is None:
             return _encode(payload).encode('utf-8')
         if release:
-            self.kept -= size
-            self.encoded[id] = (payload, None, size)
+            self.release(id)
         return data
 
     def batches(self, payloads):
