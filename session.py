@@ -945,7 +945,8 @@ class Session(object):
             raise ValueError('attachment %r of document %r: the content type '
                              '%r is not ASCII, as a MIME type is'
                              % (filename, entry.id, content_type))
-        entry.attachments.put(filename, _Attachment(content, content_type))
+        entry.own_attachments().put(filename,
+                                    _Attachment(content, content_type))
         self._map.wait(entry)
 
     def get_attachment(self, id_or_doc, filename, default=None):
@@ -986,9 +987,9 @@ class Session(object):
         :raise TypeError: if the id is not a string
         """
         entry = self._live(doc)
-        entry.attachments.delete(entry.id, filename,
-                                 entry.subject.get('_attachments'),
-                                 entry.carried)
+        entry.own_attachments().delete(entry.id, filename,
+                                       entry.subject.get('_attachments'),
+                                       entry.carried)
         self._map.wait(entry)
 
     # Flushing.
@@ -2565,10 +2566,16 @@ def _mark(marked, proxy):
         subject = proxy.__subject__
         mark = marked.get(id(subject))
         if mark is not None:
-            if key is not None:
+            if key is None:
+                return
+            if mark[1]:
                 mark[1].add(key)
+            else:
+                marked[id(subject)] = (subject, {key})
             return
-        marked[id(subject)] = (subject, set() if key is None else {key})
+        # No set for the keys until there is one (most marks are the
+        # changed dict or list itself, which marks none).
+        marked[id(subject)] = (subject, () if key is None else {key})
         parent = proxy._parent
         if parent is None:
             return
@@ -3197,7 +3204,8 @@ class _IdentityMap(object):
     def delete(self, entry, rev=None):
         """Queue the deletion, of revision ``rev`` if given (else of the
         revision the document has, or the one looked up at flush time)."""
-        entry.attachments.clear()
+        if entry.attachments.changes:
+            entry.attachments.clear()
         if rev is not None:
             entry.rev = rev
         elif entry.doc is not None and entry.rev is None:
@@ -3346,7 +3354,7 @@ class _IdentityMap(object):
         """Hold ``document``, just read from the server, dropping the local
         changes, attachment changes too."""
         entry.hold(document)
-        entry.attachments = _PendingAttachments()
+        entry.attachments = _NO_ATTACHMENTS
         entry.leaves = entry.losers = entry.clash = None
         self.clean(entry)
 
@@ -3387,10 +3395,18 @@ class _IdentityMap(object):
         entry.doc = None
 
     def close(self):
-        """`release` every entry: the session is gone."""
-        for entry in list(self.entries.values()) + \
-                list(self.pending.values()):
-            self.release(entry)
+        """`release` every entry: the session is gone. The map goes with
+        it, so its tables are emptied whole rather than entry by entry."""
+        for entries in (self.entries, self.pending):
+            for entry in entries.values():
+                entry.map = entry.doc = None
+                entry.copies = entry.marked = entry.adopted = None
+                if entry.state is not _DELETED:
+                    entry.state = _CLEAN
+            entries.clear()
+        self.owned.clear()
+        self.snapshots.clear()
+        self.adopters.clear()
 
 
 # -- Document entries ---------------------------------------------------------
@@ -3431,7 +3447,9 @@ class _Entry(object):
         # own write (and only then: see `_Flush`). `carried` are the
         # attachment changes it carried: {filename: _Attachment or None}.
         self.sent = self.carried = None
-        self.attachments = _PendingAttachments()
+        # Shared while there are none (most documents): see
+        # `own_attachments`.
+        self.attachments = _NO_ATTACHMENTS
         # [[dict or list, its proxy, a deep copy or None, the dicts and
         # lists in it]] of the plain values the user stored in the document
         # (see `_Tracked._own`): the user may change them through their own
@@ -3448,6 +3466,12 @@ class _Entry(object):
     @property
     def subject(self):
         return self.doc.__subject__
+
+    def own_attachments(self):
+        """The entry's `attachments`, its own, to change."""
+        if self.attachments is _NO_ATTACHMENTS:
+            self.attachments = _PendingAttachments()
+        return self.attachments
 
     # Adopted values.
 
@@ -3733,6 +3757,13 @@ class _PendingAttachments(object):
         if self.digests is None:
             self.digests = {}
         self.digests[filename] = attachment.digest()
+
+
+# The attachment changes of every entry that has none: one object, not one
+# (and its dict) per document read. It cannot change: an entry takes its own
+# to change (`_Entry.own_attachments`).
+_NO_ATTACHMENTS = _PendingAttachments()
+_NO_ATTACHMENTS.changes = _types.MappingProxyType({})
 
 
 class _Attachment(object):
