@@ -5287,14 +5287,21 @@ def _check_attachments(base, theirs, pending):
     unchanged = []              # the session's puts of the base's content
     for filename, attachment in changes.items():
         stub = after.get(filename)
+        known = before.get(filename, {}).get('digest') or \
+            (pending.digests or {}).get(filename)
+        if attachment is not None and known is not None and \
+                attachment.digest() == known:
+            # The session put back what it had: no change of its own, so
+            # the other side's stands (changed, kept or deleted), as for a
+            # field.
+            unchanged.append(filename)
+            continue
         if stub is None:
             changed = filename in before and attachment is not None
         else:
             changed = filename not in before or \
                 stub.get('revpos', generation + 1) > generation
             # Written again with the same content is no change.
-            known = before.get(filename, {}).get('digest') or \
-                (pending.digests or {}).get(filename)
             if changed and known is not None and \
                     stub.get('digest') == known:
                 changed = False
@@ -5302,12 +5309,6 @@ def _check_attachments(base, theirs, pending):
                     stub.get('digest') == attachment.digest() and \
                     stub.get('length') == attachment.size:
                 changed = False         # the same content on both sides
-            if changed and attachment is not None and known is not None \
-                    and attachment.digest() == known:
-                # The session put back what it had: no change of its own,
-                # so the other side's stands, as for a field.
-                changed = False
-                unchanged.append(filename)
         if changed:
             raise _MergeConflict('both sides changed the attachment %r'
                                  % filename)

@@ -7428,20 +7428,33 @@ def test_get_attachment_after_flush_reads_the_server(db, wire):
 
 
 # -- Attachments: conflicts ---------------------------------------------------
-def test_merge_putting_back_the_same_attachment_takes_theirs(db):
+@pytest.mark.parametrize('theirs', ['replaced', 'deleted'])
+@pytest.mark.parametrize('held', ['written by the session', 'read'])
+def test_merge_putting_back_the_same_attachment_takes_theirs(db, held,
+                                                             theirs):
     """'merge': the session puts back the content an attachment had when it
-    wrote it, while another writer replaced it: no change on the session's
-    side, so the other writer's stands, as for a field; no conflict."""
+    wrote or read it, while another writer replaced or deleted it: no
+    change on the session's side, so the other writer's stands, as for a
+    field; no conflict."""
     S = Session(db)
-    S['a'] = {'v': 1}
-    S.put_attachment(S['a'], b'one', 'f.bin')
-    S.flush()
-    db.put_attachment(db['a'], b'theirs', 'f.bin')
+    if held == 'read':
+        put_with_attachments(db, 'a', {'f.bin': b'one'}, v=1)
+        S['a']
+    else:
+        S['a'] = {'v': 1}
+        S.put_attachment(S['a'], b'one', 'f.bin')
+        S.flush()
+    if theirs == 'replaced':
+        db.put_attachment(db['a'], b'theirs', 'f.bin')
+    else:
+        db.delete_attachment(db['a'], 'f.bin')
     S.put_attachment(S['a'], b'one', 'f.bin')
     S.flush(on_conflict='merge')
-    assert on_server(db, 'a', 'f.bin') == b'theirs'
+    assert on_server(db, 'a', 'f.bin') == (
+        b'theirs' if theirs == 'replaced' else None)
     assert not S.has_changes() and S['a']['_rev'] == db['a'].rev
-
+    assert sorted(S['a'].get('_attachments') or {}) == (
+        ['f.bin'] if theirs == 'replaced' else [])
 
 
 EDITS = ['field and attachment', 'attachment only']
