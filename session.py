@@ -1354,7 +1354,8 @@ class Session(object):
         entry = self._map.entries.get(row.get('id'))
         if entry is not None and entry.state is _DELETED:
             return None
-        row = _SessionRow(row)
+        if type(row) is not _SessionRow:
+            row = _SessionRow(row)
         if doc is not _MISSING:
             if 'error' not in row:
                 row['doc'] = doc
@@ -1460,8 +1461,10 @@ class _ViewResults(object):
         self._session = session
         self._name = name
         self._options = options
+        # python-couchdb makes the rows `_SessionRow`s itself: no copy of
+        # each to make.
         self._results = results if results is not None else \
-            session._db.view(name, **options)
+            session._db.view(name, wrapper=_SessionRow, **options)
         self._wrapper = wrapper
         self._docs = docs
         self._rows = None
@@ -1496,8 +1499,9 @@ class _ViewResults(object):
                                self._results.total_rows is None):
                 # The server is to answer include_docs of a reduce (its
                 # answer has no total_rows, even without rows).
-                self._results = session._db.view(self._name, **dict(
-                    self._options, include_docs=True))
+                self._results = session._db.view(
+                    self._name, wrapper=_SessionRow,
+                    **dict(self._options, include_docs=True))
                 rows, self._docs = self._results.rows, False
             docs = session._docs_of_rows(rows, self._name) if self._docs \
                 else _itertools.repeat(_MISSING)
@@ -2558,24 +2562,12 @@ class _Tracked(_ObjectProxy):
 
 
 def _mark(marked, proxy):
-    """Mark the way from the root of a document down to ``proxy``, for
-    diffs to follow: each dict or list on it, with the keys of its marked
-    children (see `_Entry`)."""
-    key = None
+    """Mark the way from the root of a document down to ``proxy``, just
+    copied, for diffs to follow: each dict or list above it, with the key
+    of its marked child, or the set of them once there are several (see
+    `_Entry`)."""
     while True:
         subject = proxy.__subject__
-        mark = marked.get(id(subject))
-        if mark is not None:
-            if key is None:
-                return
-            if mark[1]:
-                mark[1].add(key)
-            else:
-                marked[id(subject)] = (subject, {key})
-            return
-        # No set for the keys until there is one (most marks are the
-        # changed dict or list itself, which marks none).
-        marked[id(subject)] = (subject, () if key is None else {key})
         parent = proxy._parent
         if parent is None:
             return
@@ -2585,6 +2577,16 @@ def _mark(marked, proxy):
             key = _place(container, key, subject)     # lists, or moved
             if key is _MISSING:
                 return      # taken out of the document: not its change
+        mark = marked.get(id(container))
+        if mark is not None:
+            keys = mark[1]
+            if type(keys) is set:
+                keys.add(key)
+            elif keys != key:
+                marked[id(container)] = (container, {keys, key})
+            return
+        # Most marks have one key: no set for it.
+        marked[id(container)] = (container, key)
         proxy = parent
 
 
@@ -3429,10 +3431,11 @@ class _Entry(object):
         # for new documents (the empty one) and resolved ones (the
         # server's); a document changed since it was clean has `copies`
         # instead: {id(dict or list): (it, a shallow copy before its first
-        # change)}, and `marked`: {id: (dict or list, keys of its marked
-        # children)} for those and the ones holding them. Dicts and lists
-        # never copied are as they were: copying only what changes keeps
-        # the first change cheap, and diffs follow the marked ones only.
+        # change)}, and `marked`: {id: (dict or list, the key of its marked
+        # child, or the set of them)} for the ones holding those. Dicts and
+        # lists never copied are as they were: copying only what changes
+        # keeps the first change cheap, and diffs follow the marked ones
+        # only.
         # None but in those states.
         self.base = base
         self.copies = self.marked = None
@@ -4751,8 +4754,9 @@ class _Flush(object):
             if _same_write(entry.sent, theirs):
                 # The earlier write whose answer was lost reached the
                 # server: it is the base of what was changed since.
+                sent = entry.sent
                 self.map.landed(entry, rev)
-                return self.settle_on(entry, mine, rev, theirs)
+                return self.settle_on(entry, mine, rev, theirs, sent)
             # It may be below another writer's change: then the changes
             # made since were made over it. The server's history tells.
             base = self.landed_below(entry, rev, theirs)
@@ -4839,12 +4843,22 @@ class _Flush(object):
         written = db.get(entry.id, rev='%d-%s' % (generation, ids[index]))
         if written is None:
             return None             # compacted away
-        return _plain(written) if _same_write(sent, written) else _NOT_THERE
+        if not _same_write(sent, written):
+            return _NOT_THERE
+        # The base of the changes made since is what was sent: a JavaScript
+        # server gives some numbers back in another form (1.0 as 1), which
+        # the session's own values still have.
+        base = _plain(written)
+        base.update((key, _plain(value)) for key, value in sent.items()
+                    if key not in _NOT_CONTENT)
+        return base
 
-    def settle_on(self, entry, content, rev, theirs):
+    def settle_on(self, entry, content, rev, theirs, sent=None):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes
         over the server's ``theirs`` at ``rev``: settled at once when the
-        server has it already, else `_RESEND`."""
+        server has it already (or ``sent``, the write whose answer was
+        lost, which it was found to have: it may give numbers back in
+        another form), else `_RESEND`."""
         if content is None or content.get('_deleted'):
             if theirs is None:
                 self.map.forget(entry)  # deleted on the server already
@@ -4852,7 +4866,9 @@ class _Flush(object):
                     ('not_found', 'missing'))
             self.map.delete(entry, rev)
             return _RESEND
-        there = _same_write(content, theirs, loose_numbers=False)
+        there = _same_write(content, theirs, loose_numbers=False) or (
+            sent is not None and _same(_content(content, _NOT_CONTENT),
+                                       _content(sent, _NOT_CONTENT)))
         # Over a deletion, CouchDB takes a document without ``_rev`` (it
         # extends the deleted branch) and refuses one with the old one.
         self.map.rebase(entry, content, rev if theirs is not None else None,
@@ -5186,6 +5202,11 @@ class _FlushResults(list):
 
 class _MergeConflict(Exception):
     """A change a three-way merge cannot settle (private)."""
+
+
+# The members of a document that are not its content, for comparing what
+# was sent with what the session holds.
+_NOT_CONTENT = ('_rev', '_attachments', '_conflicts', '_deleted_conflicts')
 
 
 def _content(document, leave_out=('_rev',)):
@@ -5576,18 +5597,20 @@ def _same_quick(a, b, loose_numbers=False):
     kind = type(a)
     if kind is not type(b):
         return (loose_numbers and kind in _NUMBERS and type(b) in _NUMBERS
-                and a == b)
+                and _same_number(a, b))
     if kind is dict or kind is list:
-        # Fast paths in C: containers that differ by ``==`` differ; equal
-        # ones whose marshal bytes (which tell True from 1 from 1.0) agree
-        # are the same. Only the rest is compared item by item.
-        if a != b:
+        # Fast paths in C: containers that differ by ``==`` differ (but for
+        # ``loose_numbers``: see `_same_number`); equal ones whose marshal
+        # bytes (which tell True from 1 from 1.0) agree are the same. Only
+        # the rest is compared item by item.
+        if a == b:
+            try:
+                if _marshal.dumps(a, 2) == _marshal.dumps(b, 2):
+                    return True
+            except ValueError:
+                pass
+        elif not loose_numbers:
             return False
-        try:
-            if _marshal.dumps(a, 2) == _marshal.dumps(b, 2):
-                return True
-        except ValueError:
-            pass
     if kind is dict:
         return len(a) == len(b) and all(
             key in b and _same_quick(value, b[key], loose_numbers)
@@ -5596,6 +5619,17 @@ def _same_quick(a, b, loose_numbers=False):
         return len(a) == len(b) and all(
             _same_quick(x, y, loose_numbers) for x, y in zip(a, b))
     return a == b
+
+
+def _same_number(a, b):
+    """Whether an int and a float are one number to a JavaScript server,
+    which holds every number as a double: it gives 5.948392946531295e+16
+    back as 59483929465312950, which Python reads as an int that ``==``
+    tells from the float."""
+    try:
+        return float(a) == float(b)
+    except OverflowError:
+        return False            # an int beyond any double
 
 
 def _deep_same(a, b, loose_numbers, memo=None):
@@ -5802,10 +5836,7 @@ def _diff_marked(ops, path, current, copies, marked):
     if recorded is None:
         # Unchanged itself: only its marked children may hold changes,
         # diffed in the document's order.
-        keys = marked[id(current)][1] if id(current) in marked else ()
-        if len(keys) > 1:
-            keys = [key for key in current if key in keys] if \
-                isinstance(current, dict) else sorted(keys)
+        keys = _marked_keys(current, marked)
         for key in keys:
             _diff_marked(ops, (path, key), current[key], copies, marked)
         return
@@ -5816,7 +5847,8 @@ def _diff_marked(ops, path, current, copies, marked):
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if type(new) in _CONTAINERS and id(new) in marked:
+            if type(new) in _CONTAINERS and (id(new) in marked or
+                                             id(new) in copies):
                 _diff_marked(ops, (path, key), new, copies, marked)
         elif new is _MISSING:
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
@@ -5832,15 +5864,25 @@ def _diff_marked(ops, path, current, copies, marked):
     _diff_added(ops, path, before, current)
 
 
+def _marked_keys(current, marked):
+    """The keys of the marked children of ``current``, a dict or list not
+    copied itself, in the document's order."""
+    mark = marked.get(id(current))
+    if mark is None:
+        return ()
+    keys = mark[1]
+    if type(keys) is not set:
+        return (keys,)
+    return [key for key in current if key in keys] if \
+        isinstance(current, dict) else sorted(keys)
+
+
 def _deep_diff_marked(ops, path, current, copies, marked, memo):
     """The iterative twin of `_diff_marked` (see `_unwind`; ``memo`` is
     `_deep_same`'s); keep the two in step."""
     recorded = copies.get(id(current))
     if recorded is None:
-        keys = marked[id(current)][1] if id(current) in marked else ()
-        if len(keys) > 1:
-            keys = [key for key in current if key in keys] if \
-                isinstance(current, dict) else sorted(keys)
+        keys = _marked_keys(current, marked)
         for key in keys:
             yield _deep_diff_marked(ops, (path, key), current[key], copies,
                                     marked, memo)
@@ -5853,7 +5895,8 @@ def _deep_diff_marked(ops, path, current, copies, marked, memo):
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if type(new) in _CONTAINERS and id(new) in marked:
+            if type(new) in _CONTAINERS and (id(new) in marked or
+                                             id(new) in copies):
                 yield _deep_diff_marked(ops, (path, key), new, copies, marked,
                                         memo)
         elif new is _MISSING:

@@ -5753,6 +5753,73 @@ def test_changes_made_after_a_lost_answer_are_written_over_it(
     assert S['a'].rev == db['a'].rev and S.flush() == []
 
 
+# Numbers a JavaScript server gives back in another form than Python's json
+# writes them: PouchDB Server gives 1.0 as 1, and 5.948392946531295e+16 as
+# 59483929465312950 (an int to Python, which == tells from the float).
+RENDERED = [1.0, 5.948392946531295e16]
+
+
+def same_number(a, b):
+    return type(a) in (int, float) and type(b) in (int, float) and \
+        float(a) == float(b)
+
+
+@pytest.mark.parametrize('on_conflict', ['raise', 'merge', 'overwrite',
+                                         'a function'])
+@pytest.mark.parametrize('lost', [1, 2])
+@pytest.mark.parametrize('value', RENDERED)
+def test_a_lost_write_is_written_once_whatever_form_its_numbers_come_back(
+        db, remote, forwarder, value, lost, on_conflict):
+    """A write whose answer was lost, of numbers the server may give back
+    in another form: the session recognises its own write and writes
+    nothing more, with every policy (the changed document stays at
+    revision 2, the created one at 1), and the session keeps the user's
+    values."""
+    db['a'] = {'v': 0}
+    S = Session(remote)
+    S['a']['v'] = value
+    S['n'] = {'v': value, 'deep': {'w': [value]}}
+    called = []
+
+    def resolve(mine, theirs, base):
+        called.append(mine['_id'])
+        return mine
+    policy = resolve if on_conflict == 'a function' else on_conflict
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=lost)
+    if lost == 2:
+        with pytest.raises(OSError):
+            S.flush(on_conflict=policy)
+    S.flush(on_conflict=policy)
+    assert generation(db, 'a') == 2 and generation(db, 'n') == 1
+    assert same_number(content(db, 'a')['v'], value)
+    assert same_number(content(db, 'n')['deep']['w'][0], value)
+    assert called == []
+    assert type(S['a']['v']) is float and S['a']['v'] == value
+    assert type(S['n']['deep']['w'][0]) is float
+    assert S['a'].rev == db['a'].rev and S['n'].rev == db['n'].rev
+    assert not S.has_changes() and S.flush() == []
+
+
+@pytest.mark.parametrize('value', RENDERED)
+def test_merge_over_a_lost_write_takes_the_other_writers_change_of_it(
+        db, remote, forwarder, value):
+    """'merge': a write whose answers were lost reached the server, and
+    another writer changed its number since; the user changed another
+    field. The other writer's change stands, the user's is added: no
+    conflict for a number the server gave back in another form."""
+    db['a'] = {'v': 0, 'x': 0}
+    S = Session(remote)
+    S['a']['v'] = value
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    change(db, 'a', v=5)
+    S['a']['x'] = 2
+    S.flush(on_conflict='merge')
+    assert content(db, 'a') == {'v': 5, 'x': 2} and generation(db, 'a') == 4
+    assert S['a'].rev == db['a'].rev and not S.has_changes()
+
+
 def test_lost_answer_beside_a_refused_document(db, validated, remote,
                                                forwarder):
     """A lost answer of a request with a refused document: the retry
@@ -8375,7 +8442,10 @@ def test_a_bad_w_is_refused_at_the_call(db, bad):
 #    broken) flush sent may be taken for the session's own write even if the
 #    writer wrote it: the session cannot tell. A document a broken flush
 #    sent and the user changed back since may be sent again (and meet a
-#    conflict if the server moved before the broken flush).
+#    conflict if the server moved before the broken flush). So may an older
+#    revision under another writer's change: a document a faulted flush
+#    reports in conflict, whose server history holds what it sent, stays
+#    unsure until a flush settles it.
 # 7. A plain dict or list stored into a document belongs to the document,
 #    as with plain Python dicts: edits through the user's reference to it
 #    are the document's (written by the next flush, shown by `S.diff()`).
@@ -9277,6 +9347,7 @@ class SessionMachine(RuleBasedStateMachine):
                 # which its deletion conflicts with (rule 6).
                 outcomes.append(Outcome('unchanged',
                                         error=couchdb.ResourceConflict,
+                                        resolver=None,
                                         why='rule 6: sent, in the history'))
             return outcomes
         if id in self.unsure and not held.has_work():
@@ -9542,6 +9613,18 @@ class SessionMachine(RuleBasedStateMachine):
             self.landed = {}
             self.sent = dict((id, mine) for id, mine in self.sent.items()
                              if id in self.unsure)
+            if fault is not None and fault != 'refuse':
+                # A conflict answered to the retry of a request whose first
+                # attempt failed: an older revision holding what was sent
+                # may be the session's own write, under another writer's
+                # change, and the session cannot tell (rule 6).
+                for id, outcome in chosen.items():
+                    held = self.held.get(id)
+                    if outcome.error is couchdb.ResourceConflict and \
+                            held is not None and held.live and \
+                            self.history_holds(id, held.mirror):
+                        self.unsure.add(id)
+                        self.sent[id] = copy.deepcopy(held.mine())
             if not self.unsure:
                 self.refused = False
 
