@@ -5271,7 +5271,10 @@ def _merge_documents(base, mine, theirs, new):
         if theirs is None and (mine is None or new):
             return mine                 # nothing on the server to merge
         changed = mine if theirs is None else theirs
-        if base is not None and _same_write(base, changed, False) and \
+        # The server's version may give numbers in another form (see
+        # `_merge`).
+        if base is not None and \
+                _same_write(base, changed, changed is theirs) and \
                 _same_digests(base, changed):
             return None                 # the other side only deleted
         raise _MergeConflict('deleted on one side and changed on the other')
@@ -5353,13 +5356,15 @@ def _same_digests(a, b):
 
 def _merge(base, mine, theirs, path):
     """Three-way merge of JSON values; `_MISSING` stands for an absent
-    dict key."""
+    dict key. A number the server's version ``theirs`` has in another form
+    than ``base`` is no change of theirs: a JavaScript server gives the
+    session's 1.0 back as 1."""
     try:
         if _same_quick(mine, theirs):
             return mine
         if _same_quick(base, mine):
             return theirs
-        if _same_quick(base, theirs):
+        if _same_quick(base, theirs, True):
             return mine
         if isinstance(mine, dict) and isinstance(theirs, dict):
             older = base if isinstance(base, dict) else {}
@@ -5385,7 +5390,7 @@ def _deep_merge(base, mine, theirs, path, memo):
         return mine
     if (yield _deep_same(base, mine, False, memo)):
         return theirs
-    if (yield _deep_same(base, theirs, False, memo)):
+    if (yield _deep_same(base, theirs, True, memo)):
         return mine
     if not (isinstance(mine, dict) and isinstance(theirs, dict)):
         raise _MergeConflict('both sides changed %s' % (path or '/'))

@@ -3408,6 +3408,17 @@ def load_benchmark(name='bench_session.py'):
 
 MAX_INT = 2 ** 53
 
+# Numbers a JavaScript server gives back in another form than Python's json
+# writes them: PouchDB Server gives 1.0 as 1, and 5.948392946531295e+16 as
+# 59483929465312950 (an int to Python, which == tells from the float).
+RENDERED = [1.0, 5.948392946531295e16]
+
+
+def same_number(a, b):
+    return type(a) in (int, float) and type(b) in (int, float) and \
+        float(a) == float(b)
+
+
 #: Object keys, with the characters JSON Pointer escapes (``~`` and ``/``).
 keys = st.text(alphabet='ab~/1_ é', max_size=3)
 #: Top-level keys: CouchDB reserves those starting with ``_``.
@@ -5220,6 +5231,27 @@ def test_merge_of_a_deletion_against_a_change_conflicts(db):
     assert [d['_id'] for d in S.deleted] == ['a'] and S['b']['v'] == 'mine'
 
 
+@pytest.mark.parametrize('value', RENDERED)
+def test_merge_takes_a_number_the_server_gives_in_another_form_for_no_change(
+        db, value):
+    """'merge': the session wrote a number the server may give back in
+    another form (PouchDB Server: 1.0 as 1), then another writer saved the
+    document with a change of its own elsewhere, or with none. Their form
+    of the number is no change of theirs: the user's change of it, or the
+    user's deletion, is merged without a conflict."""
+    S = Session(db)
+    S['a'] = {'v': value, 'w': 0}
+    S['d'] = {'v': value}
+    S.flush()
+    change(db, 'a', w=1)
+    db.save(db['d'])                # saved as the server has it
+    S['a']['v'] = 2.5
+    del S['d']
+    S.flush(on_conflict='merge')
+    assert content(db, 'a') == {'v': 2.5, 'w': 1} and 'd' not in db
+    assert not S.has_changes()
+
+
 def test_session_default_on_conflict_and_per_call_override(db):
     """Session(db, on_conflict='merge') merges by default; flush(
     on_conflict='raise') overrides it for one call."""
@@ -5751,17 +5783,6 @@ def test_changes_made_after_a_lost_answer_are_written_over_it(
     assert content(db, 'a') == {'v': 2} and generation(db, 'a') == 3
     assert content(db, 'n') == {'v': 2} and generation(db, 'n') == 2
     assert S['a'].rev == db['a'].rev and S.flush() == []
-
-
-# Numbers a JavaScript server gives back in another form than Python's json
-# writes them: PouchDB Server gives 1.0 as 1, and 5.948392946531295e+16 as
-# 59483929465312950 (an int to Python, which == tells from the float).
-RENDERED = [1.0, 5.948392946531295e16]
-
-
-def same_number(a, b):
-    return type(a) in (int, float) and type(b) in (int, float) and \
-        float(a) == float(b)
 
 
 @pytest.mark.parametrize('on_conflict', ['raise', 'merge', 'overwrite',
