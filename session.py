@@ -4773,6 +4773,11 @@ class _Flush(object):
                     return _NOTHING
             elif base is not None and self.on_conflict != 'raise':
                 self.map.landed(entry, base['_rev'])
+                if mine is not None:
+                    # The attachments the write carried, as the document
+                    # shows them now (the session's stubs): the base has
+                    # the server's, which a merge would take for changes.
+                    _same_stubs(base, mine)
         if self.on_conflict == 'raise':
             return None
         if mine is None and theirs is None:
@@ -5227,7 +5232,14 @@ def _same_write(sent, theirs, loose_numbers=True):
     stubs = theirs.get('_attachments') or {}
     if set(mine) != set(stubs):
         return False
+    # The generation the write gave, if it was an update: an attachment it
+    # carried was last written then (a stub's revpos says when), or it is
+    # another writer's, however alike.
+    generation = _generation(sent['_rev']) + 1 if sent.get('_rev') else None
     for name, attachment in mine.items():
+        if generation is not None and not attachment.get('stub') and \
+                stubs[name].get('revpos', generation) != generation:
+            return False
         length = attachment.get('length')
         digest = None
         if 'data' in attachment:
@@ -5313,11 +5325,11 @@ def _check_attachments(base, theirs, pending):
         stub = after.get(filename)
         known = before.get(filename, {}).get('digest') or \
             (pending.digests or {}).get(filename)
-        if attachment is not None and known is not None and \
-                attachment.digest() == known:
-            # The session put back what it had: no change of its own, so
-            # the other side's stands (changed, kept or deleted), as for a
-            # field.
+        if filename in before and attachment is not None and \
+                known is not None and attachment.digest() == known:
+            # The session put back what the base had: no change of its
+            # own, so the other side's stands (changed, kept or deleted),
+            # as for a field.
             unchanged.append(filename)
             continue
         if stub is None:
@@ -5338,6 +5350,15 @@ def _check_attachments(base, theirs, pending):
                                  % filename)
     for filename in unchanged:
         del changes[filename]
+
+
+def _same_stubs(base, document):
+    """Give ``base`` the attachment stubs of ``document``."""
+    stubs = document.get('_attachments')
+    if stubs:
+        base['_attachments'] = _plain(stubs)
+    else:
+        base.pop('_attachments', None)
 
 
 def _generation(rev):
@@ -5623,14 +5644,21 @@ def _same_quick(a, b, loose_numbers=False):
     if kind is list:
         return len(a) == len(b) and all(
             _same_quick(x, y, loose_numbers) for x, y in zip(a, b))
+    if loose_numbers and kind is int and not (-_EXACT <= a <= _EXACT and
+                                              -_EXACT <= b <= _EXACT):
+        return _same_number(a, b)
     return a == b
 
 
+# The ints a double holds exactly.
+_EXACT = 2 ** 53
+
+
 def _same_number(a, b):
-    """Whether an int and a float are one number to a JavaScript server,
-    which holds every number as a double: it gives 5.948392946531295e+16
-    back as 59483929465312950, which Python reads as an int that ``==``
-    tells from the float."""
+    """Whether two numbers are one to a JavaScript server, which holds
+    every number as a double: it gives 5.948392946531295e+16 back as
+    59483929465312950, which Python reads as an int that ``==`` tells from
+    the float, and 2**53 + 1 as 2**53."""
     try:
         return float(a) == float(b)
     except OverflowError:

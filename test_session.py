@@ -3409,9 +3409,10 @@ def load_benchmark(name='bench_session.py'):
 MAX_INT = 2 ** 53
 
 # Numbers a JavaScript server gives back in another form than Python's json
-# writes them: PouchDB Server gives 1.0 as 1, and 5.948392946531295e+16 as
-# 59483929465312950 (an int to Python, which == tells from the float).
-RENDERED = [1.0, 5.948392946531295e16]
+# writes them: PouchDB Server gives 1.0 as 1, 5.948392946531295e+16 as
+# 59483929465312950 (an int to Python, which == tells from the float), and
+# 2**53 + 1 as 2**53 (the double nearest to it).
+RENDERED = [1.0, 5.948392946531295e16, 2 ** 53 + 1]
 
 
 def same_number(a, b):
@@ -5815,8 +5816,8 @@ def test_a_lost_write_is_written_once_whatever_form_its_numbers_come_back(
     assert same_number(content(db, 'a')['v'], value)
     assert same_number(content(db, 'n')['deep']['w'][0], value)
     assert called == []
-    assert type(S['a']['v']) is float and S['a']['v'] == value
-    assert type(S['n']['deep']['w'][0]) is float
+    assert type(S['a']['v']) is type(value) and S['a']['v'] == value
+    assert type(S['n']['deep']['w'][0]) is type(value)
     assert S['a'].rev == db['a'].rev and S['n'].rev == db['n'].rev
     assert not S.has_changes() and S.flush() == []
 
@@ -6337,6 +6338,45 @@ def lose_the_attachment_answer(db, remote, forwarder, size):
         S.flush()
     assert on_server(db, 'a', 'f.txt') == SIZES[size]
     return S
+
+
+@pytest.mark.parametrize('then', ['nothing', 'a field changed'])
+@pytest.mark.parametrize('size', ['large', 'small'])
+def test_a_lost_attachment_write_is_not_taken_for_another_writers_alike(
+        db, remote, forwarder, size, then):
+    """After a lost attachment answer, another writer replaces the
+    attachment with content of the same length and type (text, whose
+    digest CouchDB makes of what it stores): a later revision, not the
+    session's write. 'raise' reports the conflict and the server keeps the
+    other writer's attachment."""
+    S = lose_the_attachment_answer(db, remote, forwarder, size)
+    theirs = bytes((byte + 1) % 256 for byte in SIZES[size])
+    assert theirs != SIZES[size] and len(theirs) == len(SIZES[size])
+    db.put_attachment(db['a'], theirs, 'f.txt')
+    if then == 'a field changed':
+        S['a']['y'] = 'mine'
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert on_server(db, 'a', 'f.txt') == theirs
+    assert generation(db, 'a') == 3 and S.has_changes()
+
+
+@pytest.mark.parametrize('size', ['large', 'small'])
+def test_merge_after_a_lost_attachment_put_takes_the_writers_deletion_of_it(
+        db, remote, forwarder, size):
+    """'merge': the session's attachment put reached the server with its
+    answer lost; another writer deleted the attachment; the user changed a
+    field. The other writer's deletion stands (no change of the session's
+    since its write) and the field is written over it: no conflict."""
+    S = lose_the_attachment_answer(db, remote, forwarder, size)
+    db.delete_attachment(db['a'], 'f.txt')
+    S['a']['y'] = 'mine'
+    S.flush(on_conflict='merge')
+    assert fields(db, 'a') == {'x': 1, 'y': 'mine'}
+    assert on_server(db, 'a', 'f.txt') is None
+    assert generation(db, 'a') == 4 and not S.has_changes()
+    assert S['a']['_rev'] == db['a'].rev and '_attachments' not in S['a']
 
 
 def test_an_attachment_put_and_deleted_around_a_lost_write_that_missed(
@@ -7543,6 +7583,26 @@ def test_merge_putting_back_the_same_attachment_takes_theirs(db, held,
     assert not S.has_changes() and S['a']['_rev'] == db['a'].rev
     assert sorted(S['a'].get('_attachments') or {}) == (
         ['f.bin'] if theirs == 'replaced' else [])
+
+
+def test_merge_writes_an_attachment_put_again_after_its_deletion(db):
+    """'merge': the session wrote an attachment, deleted it, and puts the
+    same content again, while another writer changed a field: the put is
+    the session's change (the base has no attachment), and is written
+    beside the other writer's change."""
+    db['d'] = {'x': 0}
+    S = Session(db)
+    doc = S['d']
+    S.put_attachment(doc, b'hello', 'f.txt', 'text/plain')
+    S.flush()
+    S.delete_attachment(doc, 'f.txt')
+    S.flush()
+    S.put_attachment(doc, b'hello', 'f.txt', 'text/plain')
+    change(db, 'd', x='theirs')
+    S.flush(on_conflict='merge')
+    assert fields(db, 'd') == {'x': 'theirs'}
+    assert on_server(db, 'd', 'f.txt') == b'hello'
+    assert generation(db, 'd') == 5 and not S.has_changes()
 
 
 EDITS = ['field and attachment', 'attachment only']
