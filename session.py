@@ -4766,10 +4766,11 @@ class _Flush(object):
                     return _ResourceNotFound(('not_found', 'missing' if
                                               theirs is None else
                                               _NEVER_CREATED))
-                if entry.state is _DIRTY and not entry.diff() and \
-                        not entry.attachments.changes:
+                if (entry.state is _CLEAN or entry.state is _DIRTY and
+                        not entry.diff()) and not entry.attachments.changes:
                     # Sent only because it might have landed, and changed
-                    # back since: nothing of the user's to write.
+                    # back since (its content, or its attachments only):
+                    # nothing of the user's to write.
                     return _NOTHING
             elif base is not None and self.on_conflict != 'raise':
                 self.map.landed(entry, base['_rev'])

@@ -6379,6 +6379,31 @@ def test_merge_after_a_lost_attachment_put_takes_the_writers_deletion_of_it(
     assert S['a']['_rev'] == db['a'].rev and '_attachments' not in S['a']
 
 
+@pytest.mark.parametrize('policy', ['raise', 'merge', 'overwrite',
+                                    'a function'])
+def test_an_attachment_put_and_deleted_around_a_lost_write_sends_nothing(
+        db, remote, forwarder, policy):
+    """A document read, another writer deletes it, the session puts an
+    attachment and its flush loses both answers; the user then deletes the
+    attachment: nothing of the user's is left to write, with any policy.
+    The other writer's deletion stands (no document brought back), and
+    nothing is reported."""
+    put(db, 'a', x=1)
+    S = Session(remote)
+    doc = S['a']
+    db.delete(db['a'])
+    S.put_attachment(doc, b'one', 'f.bin')
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    S.delete_attachment(doc, 'f.bin')
+    called = []
+    S.flush(on_conflict=policy if policy != 'a function' else
+            lambda mine, theirs, base: called.append(1) or mine)
+    assert db.get('a') is None and called == []
+    assert not S.has_changes() and S.flush() == []
+
+
 def test_an_attachment_put_and_deleted_around_a_lost_write_that_missed(
         db, remote, forwarder):
     """A put whose write's answer was lost, then deleted: when the server
