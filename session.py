@@ -4778,7 +4778,7 @@ class _Flush(object):
                     # The attachments the write carried, as the document
                     # shows them now (the session's stubs): the base has
                     # the server's, which a merge would take for changes.
-                    _same_stubs(base, mine)
+                    _take_stubs(base, mine)
         if self.on_conflict == 'raise':
             return None
         if mine is None and theirs is None:
@@ -5353,7 +5353,7 @@ def _check_attachments(base, theirs, pending):
         del changes[filename]
 
 
-def _same_stubs(base, document):
+def _take_stubs(base, document):
     """Give ``base`` the attachment stubs of ``document``."""
     stubs = document.get('_attachments')
     if stubs:
