@@ -3380,10 +3380,7 @@ class _IdentityMap(object):
                 del self.entries[entry.id]
         for record in entry.adopted or ():
             self.disown(record[3])
-        entry.map = None
-        entry.copies = entry.marked = entry.adopted = None
-        if entry.state is not _DELETED:
-            entry.state = _CLEAN
+        entry.untrack()
 
     def release(self, entry):
         """`forget` the entry, for good: it also lets go of its document.
@@ -3401,10 +3398,8 @@ class _IdentityMap(object):
         it, so its tables are emptied whole rather than entry by entry."""
         for entries in (self.entries, self.pending):
             for entry in entries.values():
-                entry.map = entry.doc = None
-                entry.copies = entry.marked = entry.adopted = None
-                if entry.state is not _DELETED:
-                    entry.state = _CLEAN
+                entry.untrack()
+                entry.doc = None
             entries.clear()
         self.owned.clear()
         self.snapshots.clear()
@@ -3469,6 +3464,14 @@ class _Entry(object):
     @property
     def subject(self):
         return self.doc.__subject__
+
+    def untrack(self):
+        """Out of its identity map (see `_IdentityMap.forget`): it tracks
+        nothing more."""
+        self.map = None
+        self.copies = self.marked = self.adopted = None
+        if self.state is not _DELETED:
+            self.state = _CLEAN
 
     def own_attachments(self):
         """The entry's `attachments`, its own, to change."""
