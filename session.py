@@ -4776,11 +4776,17 @@ class _Flush(object):
                     # nothing of the user's to write.
                     return _NOTHING
             elif base is not None and self.on_conflict != 'raise':
+                # The base of the changes made since is that write as the
+                # session made it, not as the server gives it back: with
+                # the content sent (a JavaScript server gives 1.0 back as
+                # 1) and the attachment stubs the document shows once it
+                # landed (the server's have digests and revpos), which a
+                # merge would take for changes.
+                sent = entry.sent
                 self.map.landed(entry, base['_rev'])
+                base.update((key, _plain(value)) for key, value in
+                            sent.items() if key not in _NOT_CONTENT)
                 if mine is not None:
-                    # The attachments the write carried, as the document
-                    # shows them now (the session's stubs): the base has
-                    # the server's, which a merge would take for changes.
                     _take_stubs(base, mine)
         if self.on_conflict == 'raise':
             return None
@@ -4852,15 +4858,7 @@ class _Flush(object):
         written = db.get(entry.id, rev='%d-%s' % (generation, ids[index]))
         if written is None:
             return None             # compacted away
-        if not _same_write(sent, written):
-            return _NOT_THERE
-        # The base of the changes made since is what was sent: a JavaScript
-        # server gives some numbers back in another form (1.0 as 1), which
-        # the session's own values still have.
-        base = _plain(written)
-        base.update((key, _plain(value)) for key, value in sent.items()
-                    if key not in _NOT_CONTENT)
-        return base
+        return _plain(written) if _same_write(sent, written) else _NOT_THERE
 
     def settle_on(self, entry, content, rev, theirs, sent=None):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes
