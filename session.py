@@ -45,6 +45,8 @@ import collections as _collections
 import collections.abc as _abc
 import contextvars as _contextvars
 import errno as _errno
+import functools as _functools
+import gc as _gc
 import hashlib as _hashlib
 import io as _io
 import itertools as _itertools
@@ -233,6 +235,32 @@ def _a(value):
         return 'None'
     name = type(value).__name__
     return ('an ' if name[:1].lower() in 'aeiou' else 'a ') + name
+
+
+# -- Bulk work without the garbage collector ---------------------------------
+
+# Reading documents in, and flushing them, make several dicts, tuples and
+# proxies per document, and most of them live on: CPython's garbage
+# collector runs again every 700 of those, over younger objects each time
+# and sometimes over all of them, to find no cycle (the session makes none
+# it leaves behind: `_IdentityMap.release`). It is paused for such calls, as
+# Mercurial does for its bulk work: a tenth of their client CPU. It is
+# switched off for the whole process, so another thread's cycles wait for
+# the call to end (and a thread that switches it off meanwhile finds it on
+# again); it stays off if it was off.
+
+def _gc_paused(method):
+    """``method``, run with the garbage collector off."""
+    @_functools.wraps(method)
+    def paused(*args, **kwargs):
+        if not _gc.isenabled():
+            return method(*args, **kwargs)
+        _gc.disable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _gc.enable()
+    return paused
 
 
 # -- The session --------------------------------------------------------------
@@ -496,6 +524,7 @@ class Session(object):
             _show_conflicts(entry, [loser['_rev'] for loser in losers])
         return self._map.hand_out(entry)
 
+    @_gc_paused
     def get_many(self, ids):
         """The tracked documents with these ids, in order, with ``None`` for
         the missing ones.
@@ -509,7 +538,8 @@ class Session(object):
         """
         ids = list(ids)
         for id in ids:
-            _check_id(id)
+            if type(id) is not str:
+                _check_id(id)
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
@@ -517,12 +547,9 @@ class Session(object):
             for _, doc in _read_many(self._db, wanted).values():
                 if doc is not None:
                     track(_Document(doc))
-        docs = []
-        for id in ids:
-            entry = held.get(id)
-            live = entry is not None and entry.state is not _DELETED
-            docs.append(self._map.hand_out(entry) if live else None)
-        return docs
+        hand_out = self._map.hand_out
+        return [None if entry is None or entry.state is _DELETED else
+                hand_out(entry) for entry in map(held.get, ids)]
 
     def view(self, name, wrapper=None, **options):
         """Query a view, as `couchdb.Database.view` does.
@@ -994,6 +1021,7 @@ class Session(object):
 
     # Flushing.
 
+    @_gc_paused
     def flush(self, on_conflict=None, w=None):
         """Write every pending create, change and delete to the server.
 
@@ -1717,7 +1745,8 @@ def _read_many(db, keys, tombstones=False):
     """
     found = {}
     keys = list(dict.fromkeys(keys))
-    local = [key for key in keys if _key_id(key).startswith('_local/')]
+    local = [key for key in keys if (key[0] if type(key) is tuple else
+                                     key).startswith('_local/')]
     for key in local:
         doc = db.get(key[0], rev=key[1]) if isinstance(key, tuple) else \
             db.get(key)
@@ -1778,11 +1807,11 @@ def _bulk_get(db, keys, tombstones):
     _, _, answer = db.resource.post_json('_bulk_get', body={'docs': [
         {'id': key[0], 'rev': key[1]} if isinstance(key, tuple) else
         {'id': key} for key in keys]})
-    results = dict((result.get('id'), result.get('docs') or [])
-                   for result in answer.get('results') or [])
+    results = {result.get('id'): result.get('docs') or []
+               for result in answer.get('results') or []}
     found, traceless = {}, []
     for key in keys:
-        items = results.get(_key_id(key), ())
+        items = results.get(key[0] if type(key) is tuple else key, ())
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
@@ -3340,7 +3369,7 @@ class _IdentityMap(object):
         if entry.state is _DELETED:
             self.forget(entry)
             return
-        subject = entry.subject
+        subject = entry.doc.__subject__
         subject['_rev'] = rev
         if entry.attachments.changes:
             entry.attachments.written(subject, payload)
@@ -3522,7 +3551,7 @@ class _Entry(object):
             return ops
         try:
             if self.copies is not None:
-                _diff_tracked(ops, None, self.subject, self.copies,
+                _diff_tracked(ops, None, self.doc.__subject__, self.copies,
                               self.marked)
             else:
                 _diff_dict(ops, None, self.base, self.subject)
@@ -3545,7 +3574,7 @@ class _Entry(object):
         the attachment changes that go inline."""
         if self.state is _DELETED:
             return {'_id': self.id, '_rev': self.rev, '_deleted': True}
-        payload = dict(self.subject)
+        payload = dict(self.doc.__subject__)
         # What a read said of the leaves is no content to write.
         payload.pop('_conflicts', None)
         payload.pop('_deleted_conflicts', None)
@@ -3933,6 +3962,8 @@ class _FlushPlan(object):
 
     def uploads_only(self):
         """The entries whose only work is an upload."""
+        if not self.uploads:
+            return []
         bulk = set(e.id for e in self.created)
         bulk.update(e.id for e, _ in self.changed)
         return [e for e in self.uploads if e.id not in bulk]
@@ -4310,7 +4341,8 @@ class _Flush(object):
         for id, problem in plan.problems.items():
             self.record(id, problem)
         payloads = self.check(plan, payloads, strict=plan.strict)
-        self.look_up_revisions(plan, payloads)
+        if self.look_up_revisions(plan, payloads):
+            payloads = self.check(plan, payloads)   # with their revisions
         self.send(plan, payloads)
         self.upload(plan)
         settled = set()                 # ids resolve() gave its last word
@@ -4328,7 +4360,7 @@ class _Flush(object):
             resend = self.resolve(plan, conflicted)
             again = set(payload['_id'] for payload in resend)
             settled.update(id for id in conflicted if id not in again)
-            self.send(plan, resend)
+            self.send(plan, self.check(plan, resend))
             self.upload(plan)
             if not resend:
                 break
@@ -4414,14 +4446,13 @@ class _Flush(object):
         :raise ValueError: if ``strict``, for a string UTF-8 cannot encode
                            (otherwise that is the document's outcome)
         """
-        kept = []
+        kept, encoded, limit = [], self.encoded, self.inline_limit
         for payload in payloads:
             id = payload['_id']
-            if self.encoded.get(id, (None,))[0] is payload:
+            if encoded.get(id, (None,))[0] is payload:
                 kept.append(payload)
                 continue
-            entry = plan.entry(id)
-            refusal = _refusal(entry, payload, self.inline_limit) or \
+            refusal = _refusal(plan.entry(id), payload, limit) or \
                 self.encode(payload, strict)
             if refusal is None:
                 kept.append(payload)
@@ -4448,8 +4479,9 @@ class _Flush(object):
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        refusal = _too_large(id, payload, data,
-                             self.session.max_document_size)
+        limit = self.session.max_document_size
+        refusal = None if limit is None or len(data) <= limit else \
+            _too_large(id, payload, data, limit)
         if refusal is None:
             if id in self.encoded:
                 self.release(id)
@@ -4497,12 +4529,12 @@ class _Flush(object):
         return batches
 
     def send(self, plan, payloads):
-        """POST ``payloads`` to ``_bulk_docs`` in batches of at most
-        `Session.batch_size` documents and `Session.max_request_bytes`
-        bytes; record each document's outcome, and apply the successes. A
-        request the server refuses as a whole for what one of its
-        documents holds is split, to find that document (see `split`)."""
-        payloads = self.check(plan, payloads)
+        """POST ``payloads``, passed by `check`, to ``_bulk_docs`` in
+        batches of at most `Session.batch_size` documents and
+        `Session.max_request_bytes` bytes; record each document's outcome,
+        and apply the successes. A request the server refuses as a whole
+        for what one of its documents holds is split, to find that document
+        (see `split`)."""
         batches = self.batches(payloads)
         batches.reverse()               # a stack, the first batch on top
         while batches:
@@ -4519,18 +4551,19 @@ class _Flush(object):
             # A cluster short of the write quorum answers 202, and says so
             # in each row it only accepted.
             flagged = any('accepted' in row for row in rows)
-            results = self.results
+            results, outcomes, wrote = self.results, self.outcomes, self.wrote
+            written, entry_of = self.map.written, plan.entry
             for payload in batch:
                 id = payload['_id']
                 row = answers.get(id)
-                entry = plan.entry(id)
+                entry = entry_of(id)
                 if row is not None and 'error' not in row:
-                    rev = self.outcomes[id] = self.wrote[id] = row['rev']
+                    rev = outcomes[id] = wrote[id] = row['rev']
                     accepted = bool(row.get('accepted')) if flagged else \
                         status == 202
                     if accepted or results.accepted:
                         results.written(id, accepted)
-                    self.map.written(entry, rev, payload)
+                    written(entry, rev, payload)
                     continue
                 outcome = self.outcomes[id] = _outcome(row)
                 if isinstance(outcome, _ResourceNotFound) and \
@@ -4606,10 +4639,11 @@ class _Flush(object):
         created by a write whose answer was lost, then deleted, is deleted
         only if the server holds what that write sent: anything else there
         is another writer's, a conflict for `settle`. Telling needs the
-        documents: then they are read as `_read_many` reads."""
+        documents: then they are read as `_read_many` reads. Returns
+        whether any payload needed its revision."""
         ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
         if not ids:
-            return
+            return False
         # A re-creation writes over whatever is there; a deletion deletes
         # only what the session wrote.
         unsure = set(id for id in ids if plan.entry(id).sent is not None and
@@ -4653,6 +4687,7 @@ class _Flush(object):
                 self.record(payload['_id'], _ResourceNotFound(
                     ('not_found', 'missing')))
                 self.map.forget(plan.entry(payload['_id']))
+        return True
 
     # Attachments too large to go inline.
 

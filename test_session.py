@@ -289,6 +289,42 @@ def test_get_many_docs_are_tracked(db):
     assert db['a']['n'] == 2
 
 
+def test_get_many_and_flush_pause_the_collector_and_leave_it_as_found(
+        db, forwarder, remote):
+    """get_many and flush run with the garbage collector off (a hook sees
+    it off), and leave it as they found it: on again, after a failure too;
+    off if it was off."""
+    put(db, 'a', n=1)
+    seen = []
+    S = Session(db, pre_flush_hook=lambda *work: seen.append(gc.isenabled()))
+    assert gc.isenabled()
+    [a] = S.get_many(['a'])
+    assert gc.isenabled()
+    a['n'] = 2
+    S.flush()
+    assert seen == [False] and gc.isenabled() and db['a']['n'] == 2
+    gc.disable()
+    try:
+        [b] = S.get_many(['b'])
+        S['b'] = {'n': 1}
+        S.flush()
+        assert not gc.isenabled() and seen == [False, False]
+    finally:
+        gc.enable()
+    assert stored(db, 'b') == {'_id': 'b', 'n': 1}
+    R = Session(remote)
+    R['c'] = {'n': 1}
+    forwarder.mode = 'refuse'
+    with pytest.raises(Exception):
+        R.flush()
+    with pytest.raises(Exception):
+        R.get_many(['a'])
+    forwarder.mode = 'pass'
+    assert gc.isenabled()
+    R.flush()
+    assert stored(db, 'c') == {'_id': 'c', 'n': 1}
+
+
 # -- Creating -----------------------------------------------------------------
 
 def test_create_sends_nothing_before_flush(db, wire):
