@@ -239,15 +239,15 @@ def _a(value):
 
 # -- Bulk work without the garbage collector ---------------------------------
 
-# Reading documents in, and flushing them, make several dicts, tuples and
-# proxies per document, and most of them live on: CPython's garbage
-# collector runs again every 700 of those, over younger objects each time
-# and sometimes over all of them, to find no cycle (the session makes none
-# it leaves behind: `_IdentityMap.release`). It is paused for such calls, as
-# Mercurial does for its bulk work: a tenth of their client CPU. It is
-# switched off for the whole process, so another thread's cycles wait for
-# the call to end (and a thread that switches it off meanwhile finds it on
-# again); it stays off if it was off.
+# Reading documents in (`Session.get_many`, the rows of views), and flushing
+# them, make several dicts, tuples and proxies per document, and most of
+# them live on: CPython's garbage collector runs again every 700 of those,
+# over younger objects each time and sometimes over all of them, to find no
+# cycle (the session makes none it leaves behind: `_IdentityMap.release`).
+# It is paused for such calls, as Mercurial does for its bulk work: about a
+# twentieth of their client CPU. It is switched off for the whole process,
+# so another thread's cycles wait for the call to end (and a thread that
+# switches it off meanwhile finds it on again); it stays off if it was off.
 
 def _gc_paused(method):
     """``method``, run with the garbage collector off."""
@@ -1519,6 +1519,7 @@ class _ViewResults(object):
         return len(self.rows)
 
     @property
+    @_gc_paused
     def rows(self):
         """The list of rows (the request is made on first use)."""
         if self._rows is None:
