@@ -532,7 +532,8 @@ class Session(object):
         The ids not yet in the session are read with one ``POST
         _bulk_get`` per 1,000 documents (and one ``GET`` per ``_local/``
         document); the others cost nothing. A server without ``_bulk_get``
-        is read with ``POST _all_docs?include_docs=true``.
+        is read with ``POST _all_docs?include_docs=true``. Python's garbage
+        collector is paused meanwhile (see `_gc_paused`).
 
         :raise TypeError: if an id is not a string; nothing is read
         """
@@ -1104,6 +1105,10 @@ class Session(object):
         exception unchanged and loses nothing: the next flush sends it all,
         recognising writes that did reach the server. The post-flush hook
         has seen what was written before it.
+
+        Python's garbage collector is paused while the flush runs, hooks
+        included, and switched on again at its end if it was on (see
+        `_gc_paused`).
 
         :param on_conflict: ``'raise'``, ``'overwrite'``, ``'merge'`` or a
                             function, for this flush only
