@@ -5912,21 +5912,23 @@ def _diff_marked(ops, path, current, copies, marked):
     if recorded is None:
         # Unchanged itself: only its marked children may hold changes,
         # diffed in the document's order.
-        keys = _marked_keys(current, marked)
-        for key in keys:
+        for key in _marked_keys(current, marked):
             _diff_marked(ops, (path, key), current[key], copies, marked)
         return
     before = recorded[1]
     if not isinstance(current, dict):
         return _diff_list(ops, path, [_materialize(item, copies)
                                       for item in before], current)
+    kept = True                 # whether current has every key of before
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if type(new) in _CONTAINERS and (id(new) in marked or
-                                             id(new) in copies):
-                _diff_marked(ops, (path, key), new, copies, marked)
+            if type(new) in _CONTAINERS:
+                child = id(new)
+                if child in marked or child in copies:
+                    _diff_marked(ops, (path, key), new, copies, marked)
         elif new is _MISSING:
+            kept = False
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _materialize(old, copies)})
         elif type(old) in _READ_LEAVES and type(new) in _READ_LEAVES:
@@ -5937,7 +5939,8 @@ def _diff_marked(ops, path, current, copies, marked):
                             'value': new, 'was': old})
         else:
             _diff_value(ops, (path, key), _materialize(old, copies), new)
-    _diff_added(ops, path, before, current)
+    if not kept or len(current) != len(before):
+        _diff_added(ops, path, before, current)   # else no key was added
 
 
 def _marked_keys(current, marked):
@@ -5968,14 +5971,17 @@ def _deep_diff_marked(ops, path, current, copies, marked, memo):
         yield _deep_diff_list(ops, path, [_materialize(item, copies)
                                           for item in before], current, memo)
         return
+    kept = True
     for key, old in before.items():
         new = current.get(key, _MISSING)
         if new is old:
-            if type(new) in _CONTAINERS and (id(new) in marked or
-                                             id(new) in copies):
-                yield _deep_diff_marked(ops, (path, key), new, copies, marked,
-                                        memo)
+            if type(new) in _CONTAINERS:
+                child = id(new)
+                if child in marked or child in copies:
+                    yield _deep_diff_marked(ops, (path, key), new, copies,
+                                            marked, memo)
         elif new is _MISSING:
+            kept = False
             ops.append({'op': 'remove', 'path': _pointer((path, key)),
                         'was': _materialize(old, copies)})
         elif type(old) in _READ_LEAVES and type(new) in _READ_LEAVES:
@@ -5985,7 +5991,8 @@ def _deep_diff_marked(ops, path, current, copies, marked, memo):
         else:
             yield _deep_diff_value(ops, (path, key),
                                    _materialize(old, copies), new, memo)
-    _diff_added(ops, path, before, current)
+    if not kept or len(current) != len(before):
+        _diff_added(ops, path, before, current)
 
 
 def _diff_list(ops, path, old, new):
