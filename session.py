@@ -3201,9 +3201,12 @@ class _IdentityMap(object):
     def track(self, document):
         """The entry of ``document``, just read from the server: the one
         held already, or a new CLEAN one."""
-        entry = self.entries.get(document['_id'])
+        id = document['_id']
+        entry = self.entries.get(id)
         if entry is None:
-            entry = self.add(_Entry(document['_id'], document, _CLEAN))
+            entry = _Entry(id, document, _CLEAN)
+            entry.map = self                # `add`, for a CLEAN entry
+            self.entries[id] = entry
         if self.asked is not None:
             self.asked.add(entry.id)
         return entry
@@ -4252,12 +4255,13 @@ class _Flush(object):
                 if session._hooked('post'):
                     self.report(self.plan.only(
                         lambda key: key[0] in self.wrote))
+            results, failures = self.results, self.failures
             for id, outcome in self.outcomes.items():
                 if isinstance(outcome, Exception):
                     if id in self.wrote:
-                        self.results.append((True, id, self.wrote[id]))
-                    self.failures[id] = outcome
-                self.results.append((id not in self.failures, id, outcome))
+                        results.append((True, id, self.wrote[id]))
+                    failures[id] = outcome
+                results.append((id not in failures, id, outcome))
         else:
             raise RuntimeError(
                 'flush() gave up after %d rounds: the hooks keep creating '
@@ -4553,7 +4557,7 @@ class _Flush(object):
                     raise
                 batches.extend(self.split(batch, refused))
                 continue
-            answers = dict((row.get('id'), row) for row in rows)
+            answers = {row.get('id'): row for row in rows}
             # A cluster short of the write quorum answers 202, and says so
             # in each row it only accepted.
             flagged = any('accepted' in row for row in rows)
