@@ -2541,7 +2541,8 @@ class _Tracked(_ObjectProxy):
             if copies is None:
                 return          # no longer in a session
         subject = self.__subject__
-        if id(subject) in copies:
+        place = id(subject)
+        if place in copies:
             return
         before = subject.copy()
         snapshots = entry.map.snapshots
@@ -2554,7 +2555,7 @@ class _Tracked(_ObjectProxy):
                 held = snapshots.get(id(child))
                 if held is not None and held[0] is child:
                     before[key] = held[1]
-        copies[id(subject)] = (subject, before)
+        copies[place] = (subject, before)
         _mark(entry.marked, self)
 
     def _own(self, value, key):
