@@ -2,8 +2,9 @@
 #
 #   make test     install everything, then run the tests
 #   make demo     run tools/demo.py
-#   make bench    run benchmarks/bench_session.py ($(BENCH_ARGS) passed on)
-#                 and benchmarks/bench_jobs.py ($(BENCH_JOBS_ARGS))
+#   make bench    run benchmarks/bench_session.py ($(BENCH_ARGS) passed on),
+#                 benchmarks/bench_jobs.py ($(BENCH_JOBS_ARGS)) and
+#                 benchmarks/bench_cpu.py ($(BENCH_CPU_ARGS))
 #   make clean    remove the virtualenv, node_modules and caches
 #
 # Set COUCHDB_URL (e.g. http://admin:admin@127.0.0.1:5984/) to test against
@@ -46,6 +47,7 @@ demo: install
 bench: install
 	$(VENV_PYTHON) benchmarks/bench_session.py $(BENCH_ARGS)
 	$(VENV_PYTHON) benchmarks/bench_jobs.py $(BENCH_JOBS_ARGS)
+	$(VENV_PYTHON) benchmarks/bench_cpu.py $(BENCH_CPU_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules build dist *.egg-info .eggs \

@@ -3384,6 +3384,17 @@ def test_benchmark_of_big_jobs_smoke_run(server_url, capsys):
     assert 'every document changed exactly once: True' in out
 
 
+def test_benchmark_of_client_cpu_smoke_run(server_url, capsys):
+    """benchmarks/bench_cpu.py runs its ways at a tiny size, each in a
+    process of its own (without valgrind: nothing is counted)."""
+    bench = load_benchmark('bench_cpu.py')
+    bench.main(['--smoke', '--url', server_url])
+    out = capsys.readouterr().out
+    for title in ('1. edit 20 documents', '7. edit 20 documents read by id'):
+        assert title in out
+    assert out.count('run, not counted (--smoke)') == 2
+
+
 def test_benchmark_session_requests_are_as_few_as_the_floors(server):
     """On the benchmark's workloads the session makes as many requests as
     hand-written bulk code, however often it reads an id, and one more

@@ -1,0 +1,163 @@
+"""Benchmark: the client CPU of the edit workloads, counted in instructions.
+
+Run with ``make bench`` (last; ``BENCH_CPU_ARGS='--size 500'`` passes
+options on). It uses the local PouchDB Server, or the server named by
+``COUCHDB_URL``, or ``--url``. ``time.process_time`` on a shared machine
+moves by a third from run to run, which hides a change of a few percent;
+valgrind's callgrind counts the instructions the client runs instead, the
+same from run to run (the server is another process, and waiting costs no
+instructions). Each way of workloads 1 and 7 of ``bench_session.py`` (edit
+N documents read through ``_all_docs`` with ``include_docs``, or by id)
+runs in a process of its own under callgrind, once with ``--runs``
+repetitions after a warm-up and once with the warm-up only: the difference
+over the repetitions is one run's instructions, start-up and imports left
+out. Instructions are not seconds (a cache miss costs more than an add), so
+this says which way does more work, and by how much, not the time; the
+target of client CPU (session / floor) is checked on both.
+"""
+
+import argparse
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import couchdb  # noqa: E402
+import session  # noqa: E402
+from bench_session import fill, on_server  # noqa: E402
+from tools.localserver import temporary_database  # noqa: E402
+
+
+# -- The ways, each run in a process of its own -------------------------------
+
+def edit_by_session(db, ids, mark):
+    S = session.Session(db)
+    for row in S.view('_all_docs', include_docs=True):
+        row.doc['address']['city'] = 'city %d' % mark
+    S.flush()
+
+
+def edit_by_floor(db, ids, mark):
+    docs = [row.doc for row in db.view('_all_docs', include_docs=True)]
+    for doc in docs:
+        doc['address']['city'] = 'city %d' % mark
+    db.update(docs)
+
+
+def edit_by_id_by_session(db, ids, mark):
+    S = session.Session(db)
+    for doc in S.get_many(ids):
+        doc['address']['city'] = 'city %d' % mark
+    S.flush()
+
+
+def edit_by_id_by_floor(db, ids, mark):
+    docs = [row.doc for row in db.view('_all_docs', keys=ids,
+                                       include_docs=True)]
+    for doc in docs:
+        doc['address']['city'] = 'city %d' % mark
+    db.update(docs)
+
+
+WORKLOADS = [
+    ('1. edit %d documents', edit_by_session, edit_by_floor),
+    ('7. edit %d documents read by id', edit_by_id_by_session,
+     edit_by_id_by_floor),
+]
+WAYS = dict((way.__name__, way) for _, *ways in WORKLOADS for way in ways)
+
+
+def child(args):
+    """A warm-up run of one way, then ``args.runs`` more, each writing a
+    mark no run wrote before (a session does not write what it did not
+    change)."""
+    db = couchdb.Database(args.child_db)
+    ids = sorted(id for id in db if not id.startswith('_design/'))
+    way = WAYS[args.child]
+    for mark in range(args.runs + 1):
+        gc.collect()
+        way(db, ids, args.mark + mark)
+
+
+# -- Counting -----------------------------------------------------------------
+
+def instructions(args, db, way, runs):
+    """The instructions a process running ``way`` ``runs`` times after its
+    warm-up runs in all (None with ``--smoke``: run, not counted)."""
+    command = [sys.executable, os.path.abspath(__file__), '--child', way,
+               '--child-db', db.resource.url, '--runs', str(runs),
+               '--mark', str(args.marks)]
+    args.marks += runs + 1
+    if args.smoke:
+        subprocess.run(command, check=True)
+        return None
+    done = subprocess.run(
+        ['valgrind', '--tool=callgrind', '--callgrind-out-file=/dev/null'] +
+        command, check=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, universal_newlines=True)
+    found = re.search(r'Collected : (\d+)', done.stderr)
+    if found is None:
+        raise RuntimeError('callgrind gave no count:\n' + done.stderr[-2000:])
+    return int(found.group(1))
+
+
+def per_run(args, db, way):
+    """The instructions of one run of ``way``."""
+    whole = instructions(args, db, way, args.runs)
+    alone = instructions(args, db, way, 0)
+    if whole is None:
+        return None
+    return (whole - alone) / float(args.runs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--url', help='server URL (default: COUCHDB_URL or '
+                        'a local PouchDB Server)')
+    parser.add_argument('--runs', type=int, default=2)
+    parser.add_argument('--size', type=int, default=2000, metavar='N')
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny size, one run, no valgrind: checks the '
+                        'script works')
+    parser.add_argument('--child', help=argparse.SUPPRESS)
+    parser.add_argument('--child-db', help=argparse.SUPPRESS)
+    parser.add_argument('--mark', type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.marks = 0
+    if args.child:
+        return child(args)
+    if args.smoke:
+        args.runs, args.size = 1, 20
+    elif shutil.which('valgrind') is None:
+        print('bench_cpu.py: valgrind is not installed (Debian: apt install '
+              'valgrind); instructions not counted')
+        return
+    on_server(run, args)
+
+
+def run(args, url):
+    print('session client CPU benchmark: instructions per run (callgrind), '
+          '%d run(s) after a warm-up' % args.runs)
+    with temporary_database(url) as db:
+        fill(db, args.size)
+        for title, mine, floor in WORKLOADS:
+            counts = [per_run(args, db, way.__name__) for way in (mine,
+                                                                  floor)]
+            print('\n' + title % args.size)
+            if counts[0] is None:
+                print('  run, not counted (--smoke)')
+                continue
+            print('  session %8.1f M instructions' % (counts[0] / 1e6))
+            print('  floor   %8.1f M instructions' % (counts[1] / 1e6))
+            print('  client CPU session / floor: %.2f (instructions)'
+                  % (counts[0] / counts[1]))
+
+
+if __name__ == '__main__':
+    main()
