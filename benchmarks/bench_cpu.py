@@ -1,4 +1,4 @@
-"""Benchmark: the client CPU of the edit workloads, counted in instructions.
+"""Benchmark: the client CPU of the session, counted in instructions.
 
 Run with ``make bench`` (last; ``BENCH_CPU_ARGS='--size 500'`` passes
 options on). It uses the local PouchDB Server, or the server named by
@@ -6,18 +6,19 @@ options on). It uses the local PouchDB Server, or the server named by
 moves by a third from run to run, which hides a change of a few percent;
 valgrind's callgrind counts the instructions the client runs instead, the
 same from run to run (the server is another process, and waiting costs no
-instructions). Each way of workloads 1 and 7 of ``bench_session.py`` (edit
-N documents read through ``_all_docs`` with ``include_docs``, or by id)
-runs in a process of its own under callgrind, once with ``--runs``
-repetitions after a warm-up and once with the warm-up only: the difference
-over the repetitions is one run's instructions, start-up and imports left
-out. Instructions are not seconds (a cache miss costs more than an add), so
-this says which way does more work, and by how much, not the time; the
-target of client CPU (session / floor) is checked on both.
+instructions). Each way of workloads 1, 4 and 7 of ``bench_session.py``
+(edit N documents read through ``_all_docs`` with ``include_docs``, read
+every field of N documents, edit N documents read by id) runs in a process
+of its own under callgrind, once with ``--runs`` repetitions after a
+warm-up and once with the warm-up only: the difference over the
+repetitions is one run's instructions, start-up and imports left out.
+Instructions are not seconds (a cache miss costs more than an add), so this
+says which way does more work, and by how much, not the time: the targets
+of client CPU (session / floor) and of reads through the proxies (session /
+plain dicts) are checked on it too.
 """
 
 import argparse
-import gc
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ sys.path.insert(0, HERE)
 
 import couchdb  # noqa: E402
 import session  # noqa: E402
-from bench_session import fill, on_server  # noqa: E402
+from bench_session import fill, on_server, walk  # noqa: E402
 from tools.localserver import temporary_database  # noqa: E402
 
 
@@ -65,12 +66,34 @@ def edit_by_id_by_floor(db, ids, mark):
     db.update(docs)
 
 
+# The documents workload 4 reads, read once per process (in its warm-up).
+HELD = {}
+
+
+def read_by_session(db, ids, mark):
+    if 'session' not in HELD:
+        S = session.Session(db)
+        HELD['session'] = S, S.get_many(ids)
+    walk(HELD['session'][1])
+
+
+def read_plain(db, ids, mark):
+    if 'plain' not in HELD:
+        HELD['plain'] = [row.doc for row in db.view(
+            '_all_docs', keys=ids, include_docs=True)]
+    walk(HELD['plain'])
+
+
+# (title, the session's way, the baseline's name and way)
 WORKLOADS = [
-    ('1. edit %d documents', edit_by_session, edit_by_floor),
-    ('7. edit %d documents read by id', edit_by_id_by_session,
+    ('1. edit %d documents', edit_by_session, 'floor', edit_by_floor),
+    ('4. read every field of %d documents', read_by_session, 'plain',
+     read_plain),
+    ('7. edit %d documents read by id', edit_by_id_by_session, 'floor',
      edit_by_id_by_floor),
 ]
-WAYS = dict((way.__name__, way) for _, *ways in WORKLOADS for way in ways)
+WAYS = dict((way.__name__, way) for _, mine, _, base in WORKLOADS
+            for way in (mine, base))
 
 
 def child(args):
@@ -81,7 +104,6 @@ def child(args):
     ids = sorted(id for id in db if not id.startswith('_design/'))
     way = WAYS[args.child]
     for mark in range(args.runs + 1):
-        gc.collect()
         way(db, ids, args.mark + mark)
 
 
@@ -146,17 +168,17 @@ def run(args, url):
           '%d run(s) after a warm-up' % args.runs)
     with temporary_database(url) as db:
         fill(db, args.size)
-        for title, mine, floor in WORKLOADS:
+        for title, mine, name, base in WORKLOADS:
             counts = [per_run(args, db, way.__name__) for way in (mine,
-                                                                  floor)]
+                                                                  base)]
             print('\n' + title % args.size)
             if counts[0] is None:
                 print('  run, not counted (--smoke)')
                 continue
             print('  session %8.1f M instructions' % (counts[0] / 1e6))
-            print('  floor   %8.1f M instructions' % (counts[1] / 1e6))
-            print('  client CPU session / floor: %.2f (instructions)'
-                  % (counts[0] / counts[1]))
+            print('  %-7s %8.1f M instructions' % (name, counts[1] / 1e6))
+            print('  client CPU session / %s: %.2f (instructions)'
+                  % (name, counts[0] / counts[1]))
 
 
 if __name__ == '__main__':
