@@ -539,8 +539,7 @@ class Session(object):
         """
         ids = list(ids)
         for id in ids:
-            if type(id) is not str:
-                _check_id(id)
+            _check_id(id)
         held = self._map.entries
         wanted = [id for id in dict.fromkeys(ids) if id not in held]
         if wanted:
@@ -1751,8 +1750,7 @@ def _read_many(db, keys, tombstones=False):
     """
     found = {}
     keys = list(dict.fromkeys(keys))
-    local = [key for key in keys if (key[0] if type(key) is tuple else
-                                     key).startswith('_local/')]
+    local = [key for key in keys if _key_id(key).startswith('_local/')]
     for key in local:
         doc = db.get(key[0], rev=key[1]) if isinstance(key, tuple) else \
             db.get(key)
@@ -1817,7 +1815,7 @@ def _bulk_get(db, keys, tombstones):
                for result in answer.get('results') or []}
     found, traceless = {}, []
     for key in keys:
-        items = results.get(key[0] if type(key) is tuple else key, ())
+        items = results.get(_key_id(key), ())
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
@@ -3202,12 +3200,9 @@ class _IdentityMap(object):
     def track(self, document):
         """The entry of ``document``, just read from the server: the one
         held already, or a new CLEAN one."""
-        id = document['_id']
-        entry = self.entries.get(id)
+        entry = self.entries.get(document['_id'])
         if entry is None:
-            entry = _Entry(id, document, _CLEAN)
-            entry.map = self                # `add`, for a CLEAN entry
-            self.entries[id] = entry
+            entry = self.add(_Entry(document['_id'], document, _CLEAN))
         if self.asked is not None:
             self.asked.add(entry.id)
         return entry
@@ -3379,7 +3374,7 @@ class _IdentityMap(object):
         if entry.state is _DELETED:
             self.forget(entry)
             return
-        subject = entry.doc.__subject__
+        subject = entry.subject
         subject['_rev'] = rev
         if entry.attachments.changes:
             entry.attachments.written(subject, payload)
@@ -3561,7 +3556,7 @@ class _Entry(object):
             return ops
         try:
             if self.copies is not None:
-                _diff_tracked(ops, None, self.doc.__subject__, self.copies,
+                _diff_tracked(ops, None, self.subject, self.copies,
                               self.marked)
             else:
                 _diff_dict(ops, None, self.base, self.subject)
@@ -3584,7 +3579,7 @@ class _Entry(object):
         the attachment changes that go inline."""
         if self.state is _DELETED:
             return {'_id': self.id, '_rev': self.rev, '_deleted': True}
-        payload = dict(self.doc.__subject__)
+        payload = dict(self.subject)
         # What a read said of the leaves is no content to write.
         payload.pop('_conflicts', None)
         payload.pop('_deleted_conflicts', None)
@@ -4490,9 +4485,8 @@ class _Flush(object):
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        limit = self.session.max_document_size
-        refusal = None if limit is None or len(data) <= limit else \
-            _too_large(id, payload, data, limit)
+        refusal = _too_large(id, payload, data,
+                             self.session.max_document_size)
         if refusal is None:
             if id in self.encoded:
                 self.release(id)
