@@ -31,40 +31,13 @@ sys.path.insert(0, HERE)
 
 import couchdb  # noqa: E402
 import session  # noqa: E402
-from bench_session import fill, on_server, walk  # noqa: E402
+from bench_session import (edit_by_floor, edit_by_id_by_floor,  # noqa: E402
+                           edit_by_id_by_session, edit_by_session, fill,
+                           on_server, walk)
 from tools.localserver import temporary_database  # noqa: E402
 
 
 # -- The ways, each run in a process of its own -------------------------------
-
-def edit_by_session(db, ids, mark):
-    S = session.Session(db)
-    for row in S.view('_all_docs', include_docs=True):
-        row.doc['address']['city'] = 'city %d' % mark
-    S.flush()
-
-
-def edit_by_floor(db, ids, mark):
-    docs = [row.doc for row in db.view('_all_docs', include_docs=True)]
-    for doc in docs:
-        doc['address']['city'] = 'city %d' % mark
-    db.update(docs)
-
-
-def edit_by_id_by_session(db, ids, mark):
-    S = session.Session(db)
-    for doc in S.get_many(ids):
-        doc['address']['city'] = 'city %d' % mark
-    S.flush()
-
-
-def edit_by_id_by_floor(db, ids, mark):
-    docs = [row.doc for row in db.view('_all_docs', keys=ids,
-                                       include_docs=True)]
-    for doc in docs:
-        doc['address']['city'] = 'city %d' % mark
-    db.update(docs)
-
 
 # The documents workload 4 reads, read once per process (in its warm-up).
 HELD = {}
