@@ -785,11 +785,11 @@ class Session(object):
         # A copy: the version fetched may be the document itself, which
         # takes the merged content.
         fetched = _plain(entry.merge_base())
-        # A write whose answer was lost stays one: the next flush may find
-        # it on the server.
-        sent, carried = entry.sent, entry.carried
+        # The writes whose answers were lost stay so: the next flush may
+        # find one on the server.
+        sent = entry.sent
         self._map.rebase(entry, mine, revision, fetched)
-        entry.sent, entry.carried = sent, carried
+        entry.sent = sent
         entry.losers = [loser['_rev'] for loser in losers]
 
     def _leaves(self, doc_or_id):
@@ -1066,13 +1066,19 @@ class Session(object):
         A request whose answer is lost (the connection dropped after the
         server may have applied it) leaves the outcome of its documents
         unknown: the session sends it once more, as python-couchdb would.
-        The conflicts of bulk writes and uploads first cost one
-        ``POST _all_docs?include_docs=true`` for all of them, to read the
-        server's versions. For a document whose outcome was unknown, a
-        server version equal to what the session sent is its own write: it
-        counts as written, and what was changed since is written over it.
-        Any other conflict is real (even when the server holds what the
-        session would write: another writer made the same change), and
+        The conflicts of bulk writes and uploads first cost one read of
+        the server's versions for all of them (``POST _bulk_get``, as
+        `get_many` reads). For a document whose outcome was unknown, a
+        server version equal to what the session sent (by any of the
+        flushes whose answers were lost since the document was last
+        written) is its own write: it counts as written, and what was
+        changed since is written over it. So is one the server's history
+        shows under another writer's change (two more ``GET`` requests):
+        the write counts as written, as if its answer had come back, and
+        only what the user did since is in conflict with that change
+        (nothing done since: nothing to write, whatever the policy). Any
+        other conflict is real (even when the server holds what the session
+        would write: another writer made the same change), and
         ``on_conflict`` (by default the session's) decides:
 
         - ``'raise'``: they stay pending and end up in `FlushError` (with
@@ -3147,8 +3153,11 @@ def _root(document, entry):
 #   recreate(entry, doc)     DELETED -> NEW       S[id] = ... after del S[id]
 #   rebase(entry, ...)       any -> DIRTY         a conflict settled over the
 #                                                 server's version, the base
-#   landed(entry, rev)       (unchanged)          a lost write found on the
-#   not_landed(entry)        (unchanged), -       server, or found missing
+#   landed(entry, rev, ...)  (unchanged)          a lost write found on the
+#   landed_under(entry, ...) any -> DIRTY, -      server (under another
+#                                                 writer's change: it is the
+#                                                 base),
+#   not_landed(entry)        (unchanged), -       or found missing
 #   clean(entry)             any -> CLEAN         written, uploaded, refreshed,
 #                                                 or changes that cancel out
 #   written(entry, ...)      any -> CLEAN, -      the server took the write
@@ -3157,8 +3166,8 @@ def _root(document, entry):
 # `pending` holds the entries a flush must look at: all but the CLEAN ones,
 # and CLEAN ones with attachment changes, adopted values or a write of
 # unknown outcome (`wait`). `uploaded`, `reload` and `wait` are `clean`'s
-# kin. An entry's `sent` (a write whose answer was lost) is set by `_Flush`,
-# which alone knows when a request went out.
+# kin. An entry's `sent` (the writes whose answers were lost) is set by
+# `_Flush`, which alone knows when a request went out.
 
 class _IdentityMap(object):
     """The documents of one session, by id, and their states."""
@@ -3256,10 +3265,11 @@ class _IdentityMap(object):
         entry.state = _NEW
         entry.base = {}
         entry.copies = entry.marked = None
-        # The attachments a lost write carried were the old content's: the
+        # The attachments lost writes carried were the old content's: the
         # new document has none of them (its write drops any that landed).
-        # What was sent stays, to recognise that write.
-        entry.carried = None
+        # What was sent stays, to recognise those writes.
+        if entry.sent is not None:
+            entry.sent = [(sent, None) for sent, _ in entry.sent]
         self.pending[entry.id] = entry
 
     def rebase(self, entry, content, rev, theirs):
@@ -3276,26 +3286,58 @@ class _IdentityMap(object):
         entry.base = _plain(theirs) if theirs is not None else {}
         entry.copies = entry.marked = None
         entry.state = _DIRTY
-        entry.rev = entry.sent = entry.carried = None
+        entry.rev = entry.sent = None
         self.pending[entry.id] = entry
 
-    def landed(self, entry, rev):
-        """The write whose answer was lost reached the server, at ``rev``:
-        the attachment changes it carried are done, unless changed since."""
-        carried = entry.carried or {}
-        entry.sent = entry.carried = None
+    def landed(self, entry, rev, carried):
+        """A write whose answer was lost, carrying the attachment changes
+        ``carried``, reached the server, at ``rev``: they are done, unless
+        changed since."""
+        entry.sent = None
         if entry.state is _DELETED:
             return
         subject = entry.subject
         subject['_rev'] = rev
-        entry.attachments.landed(subject, carried)
+        entry.attachments.landed(subject, carried or {})
+
+    def landed_under(self, entry, rev, sent, carried):
+        """`landed`, for a write another writer changed since: the entry
+        is as if the answer had come back, ``sent`` (the write as the
+        session made it, at ``rev``) being the base of what was changed
+        since, for the conflict with the other writer's change to settle.
+        A deletion's entry has nothing of it left; a deletion the user made
+        since deletes ``rev``, and a document created since writes over
+        it."""
+        self.landed(entry, rev, carried)
+        if sent.get('_deleted'):
+            if entry.state is _DELETED:
+                self.forget(entry)
+            else:
+                entry.rev = rev     # created again since: over the deletion
+            return
+        base = _plain(sent)
+        base['_rev'] = rev
+        if entry.state is _DELETED:
+            entry.rev = rev
+        else:
+            # What a read said of the leaves is no content that was sent.
+            subject = entry.subject
+            for key in ('_conflicts', '_deleted_conflicts'):
+                if key in subject:
+                    base[key] = _plain(subject[key])
+            _take_stubs(base, subject)
+            entry.state = _DIRTY
+            entry.rev = None
+        entry.base = base
+        entry.copies = entry.marked = None
+        self.pending[entry.id] = entry
 
     def not_landed(self, entry):
         """The write whose answer was lost did not reach the server: the
         attachment deletions queued only because it might have are
         dropped, and a create it carried that was deleted since is
         forgotten (the return value says so)."""
-        entry.sent = entry.carried = None
+        entry.sent = None
         if entry.rev is _LOOKUP and entry.state is _DELETED:
             self.forget(entry)      # nothing of the session's to delete
             return True
@@ -3309,7 +3351,7 @@ class _IdentityMap(object):
         attachments may wait for their upload)."""
         entry.state = _CLEAN
         entry.base = entry.copies = entry.marked = None
-        entry.rev = entry.sent = entry.carried = None
+        entry.rev = entry.sent = None
         if entry.adopted:
             # Later changes of adopted values are found against copies of
             # them as the server has them now. (Disowned first: one may hold
@@ -3448,8 +3490,8 @@ class _Entry(object):
     through the `_IdentityMap`."""
 
     __slots__ = ('id', 'doc', 'state', 'base', 'copies', 'marked', 'rev',
-                 'map', 'sent', 'carried', 'attachments', 'adopted',
-                 'leaves', 'losers', 'clash')
+                 'map', 'sent', 'attachments', 'adopted', 'leaves', 'losers',
+                 'clash')
 
     def __init__(self, id, document, state, base=None, rev=None):
         self.id = id
@@ -3474,11 +3516,14 @@ class _Entry(object):
         # The identity map holding the entry; None once the session forgot
         # it, and then it tracks nothing.
         self.map = None
-        # What a write whose answer never came back had sent: until the
-        # entry is settled, a server version equal to it is the session's
-        # own write (and only then: see `_Flush`). `carried` are the
-        # attachment changes it carried: {filename: _Attachment or None}.
-        self.sent = self.carried = None
+        # The writes whose answers never came back since the entry was
+        # last settled, oldest first: [(what was sent, the attachment
+        # changes it carried: {filename: _Attachment or None})]. Any one of
+        # them may be what the server holds: until the entry is settled, a
+        # server version equal to one is the session's own write (and only
+        # then: see `_Flush`). Each later one was sent over the same
+        # revision, so at most one of them landed. None when none.
+        self.sent = None
         # Shared while there are none (most documents): see
         # `own_attachments`.
         self.attachments = _NO_ATTACHMENTS
@@ -3506,6 +3551,23 @@ class _Entry(object):
         self.copies = self.marked = self.adopted = None
         if self.state is not _DELETED:
             self.state = _CLEAN
+
+    def lost(self, sent, carried):
+        """Record ``sent``, a write whose answer never came back, carrying
+        the attachment changes ``carried``. Sent again as it was (a flush
+        retried without a change), it is one write."""
+        if self.sent is None:
+            self.sent = []
+        elif _same(self.sent[-1][0], sent):
+            del self.sent[-1]
+        self.sent.append((sent, carried))
+
+    @property
+    def carried(self):
+        """The attachment changes the writes in `sent` carried, by
+        filename: any of them may be on the server."""
+        return dict(item for _, carried in self.sent or ()
+                    for item in (carried or {}).items())
 
     def own_attachments(self):
         """The entry's `attachments`, its own, to change."""
@@ -4334,7 +4396,7 @@ class _Flush(object):
     def sent_as_it_is(self, entry):
         """Whether ``entry`` is what a write of unknown outcome sent."""
         return entry.sent is not None and \
-            _same(_plain(entry.payload(self.inline_limit)), entry.sent)
+            _same(_plain(entry.payload(self.inline_limit)), entry.sent[-1][0])
 
     # Writing.
 
@@ -4579,7 +4641,7 @@ class _Flush(object):
                 elif not isinstance(outcome, _ResourceConflict):
                     # The server checks revisions first: it would have
                     # answered a conflict had it applied an earlier write.
-                    entry.sent = entry.carried = None
+                    entry.sent = None
 
     def split(self, batch, refused):
         """The batches to send of ``batch``, which the server refused as a
@@ -4631,9 +4693,8 @@ class _Flush(object):
                 if not _answered(exc):
                     for payload in batch:
                         entry = plan.entry(payload['_id'])
-                        entry.sent = _plain(payload)
-                        entry.carried = entry.attachments.inline(
-                            self.inline_limit)
+                        entry.lost(_plain(payload), entry.attachments.inline(
+                            self.inline_limit))
                 if not (retry and _retryable(exc)):
                     raise
 
@@ -4664,7 +4725,8 @@ class _Flush(object):
         for id, (rev, doc) in current.items():
             if doc is None:
                 continue            # deleted
-            if id in unsure and not _same_write(plan.entry(id).sent, doc):
+            if id in unsure and not any(_same_write(sent, doc) for sent, _
+                                        in plan.entry(id).sent):
                 self.record(id, _ResourceConflict(
                     ('conflict', 'the server holds a document this session '
                      'did not write')))
@@ -4749,7 +4811,7 @@ class _Flush(object):
                     sent.setdefault('_attachments', {})[filename] = {
                         'content_type': attachment.content_type,
                         'length': attachment.size}
-                    entry.sent, entry.carried = sent, {filename: attachment}
+                    entry.lost(sent, {filename: attachment})
                 if not (retry and _retryable(exc)):
                     raise
 
@@ -4792,19 +4854,17 @@ class _Flush(object):
         exception (refused), `_RESEND`, `_NOTHING` (nothing to write, and no
         conflict), or ``None`` to keep the conflict."""
         mine = None if entry.state is _DELETED else entry.subject
-        base = None
         if entry.sent is not None:
-            if _same_write(entry.sent, theirs):
-                # The earlier write whose answer was lost reached the
-                # server: it is the base of what was changed since.
-                sent = entry.sent
-                self.map.landed(entry, rev)
-                return self.settle_on(entry, mine, rev, theirs, sent)
+            for sent, carried in reversed(entry.sent):
+                if _same_write(sent, theirs):
+                    # An earlier write whose answer was lost reached the
+                    # server: it is the base of what was changed since.
+                    self.map.landed(entry, rev, carried)
+                    return self.settle_on(entry, mine, rev, theirs, sent)
             # It may be below another writer's change: then the changes
             # made since were made over it. The server's history tells.
-            base = self.landed_below(entry, rev, theirs)
-            if base is _NOT_THERE:
-                base = None
+            found = self.landed_below(entry, rev, theirs)
+            if found is _NOT_THERE:
                 if self.map.not_landed(entry):
                     return _ResourceNotFound(('not_found', 'missing' if
                                               theirs is None else
@@ -4815,25 +4875,26 @@ class _Flush(object):
                     # back since (its content, or its attachments only):
                     # nothing of the user's to write.
                     return _NOTHING
-            elif base is not None and self.on_conflict != 'raise':
-                # The base of the changes made since is that write as the
-                # session made it, not as the server gives it back: with
-                # the content sent (a JavaScript server gives 1.0 back as
-                # 1) and the attachment stubs the document shows once it
-                # landed (the server's have digests and revpos), which a
-                # merge would take for changes.
-                sent = entry.sent
-                self.map.landed(entry, base['_rev'])
-                base.update((key, _plain(value)) for key, value in
-                            sent.items() if key not in _NOT_CONTENT)
-                if mine is not None:
-                    _take_stubs(base, mine)
+            elif found is not None:
+                # As if the answer had come back: the write is settled, and
+                # only what the user did since is in conflict with the
+                # other writer's change, whatever the policy. Nothing done
+                # since: nothing to write.
+                written, sent, carried = found
+                self.wrote[entry.id] = written
+                self.map.landed_under(entry, written, sent, carried)
+                if entry.map is None:
+                    return written      # a deletion, done
+                if entry.state is _DIRTY and not entry.diff() and \
+                        not entry.attachments.changes:
+                    self.map.clean(entry)
+                    return written
+                mine = None if entry.state is _DELETED else entry.subject
         if self.on_conflict == 'raise':
             return None
         if mine is None and theirs is None:
             return self.settle_on(entry, None, rev, theirs)   # both deleted
-        if base is None:
-            base = entry.merge_base()
+        base = entry.merge_base()
         if self.on_conflict == 'overwrite':
             content = mine
         elif self.on_conflict == 'merge':
@@ -4874,31 +4935,41 @@ class _Flush(object):
             entry.id, copy, data, self.session.max_document_size)
 
     def landed_below(self, entry, rev, theirs):
-        """The session's own write whose answer was lost, as the server
-        has it in the history of its version ``theirs`` at ``rev``: the
-        revision after the one it was written over, if that holds what was
-        sent; `_NOT_THERE` if it does not; ``None`` if that cannot be told
-        (compaction drops the bodies of old revisions). Two ``GET``
-        requests; ``rev`` may be a deletion's (a tombstone has a history
-        too)."""
-        sent = entry.sent
-        if rev is None or sent.get('_deleted'):
+        """Which of the session's own writes whose answers were lost (the
+        entry's `sent`) the server has in the history of its version
+        ``theirs`` at ``rev``, as ``(its revision, what was sent, the
+        attachment changes it carried)``: the revision after the one it
+        was written over, if that holds what was sent; `_NOT_THERE` if none
+        is there; ``None`` if that cannot be told (compaction drops the
+        bodies of old revisions). Two ``GET`` requests for each revision
+        the writes were sent over (they share one); ``rev`` may be a
+        deletion's (a tombstone has a history too)."""
+        if rev is None:
             return None
         db = self.session._db
         history = db.get(entry.id, rev=rev, revs='true') or {}
         revisions = history.get('_revisions') or {}
         ids = revisions.get('ids') or []
-        generation = _generation(sent.get('_rev')) + 1
-        index = revisions.get('start', 0) - generation
-        if not 0 < index < len(ids):
-            return _NOT_THERE       # not below the current version
-        if sent.get('_rev') and (index + 1 >= len(ids) or sent['_rev'] !=
-                                 '%d-%s' % (generation - 1, ids[index + 1])):
-            return _NOT_THERE       # the history went another way
-        written = db.get(entry.id, rev='%d-%s' % (generation, ids[index]))
-        if written is None:
-            return None             # compacted away
-        return _plain(written) if _same_write(sent, written) else _NOT_THERE
+        read, found = {}, _NOT_THERE
+        for sent, carried in reversed(entry.sent):
+            generation = _generation(sent.get('_rev')) + 1
+            index = revisions.get('start', 0) - generation
+            if not 0 < index < len(ids):
+                continue            # not below the current version
+            if sent.get('_rev') and (index + 1 >= len(ids) or sent['_rev'] !=
+                                     '%d-%s' % (generation - 1,
+                                                ids[index + 1])):
+                continue            # the history went another way
+            written = '%d-%s' % (generation, ids[index])
+            if written not in read:
+                read[written] = db.get(entry.id, rev=written)
+            there = read[written]
+            if there is None:
+                found = None        # compacted away
+            elif _same_write(sent, None if there.get('_deleted') else
+                             there):
+                return written, sent, carried
+        return found
 
     def settle_on(self, entry, content, rev, theirs, sent=None):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes

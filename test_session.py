@@ -6389,19 +6389,27 @@ def test_a_lost_attachment_write_is_not_taken_for_another_writers_alike(
     """After a lost attachment answer, another writer replaces the
     attachment with content of the same length and type (text, whose
     digest CouchDB makes of what it stores): a later revision, not the
-    session's write. 'raise' reports the conflict and the server keeps the
-    other writer's attachment."""
+    session's write, which the history shows under it. With nothing done
+    since, the put is settled as written, as if its answer had come back;
+    a change made since is in conflict with the other writer's, and
+    'raise' reports it. The server keeps the other writer's attachment."""
     S = lose_the_attachment_answer(db, remote, forwarder, size)
+    landed = db['a'].rev
     theirs = bytes((byte + 1) % 256 for byte in SIZES[size])
     assert theirs != SIZES[size] and len(theirs) == len(SIZES[size])
     db.put_attachment(db['a'], theirs, 'f.txt')
-    if then == 'a field changed':
+    if then == 'nothing':
+        assert S.flush() == [(True, 'a', landed)]
+        assert not S.has_changes() and S['a']['_rev'] == landed
+    else:
         S['a']['y'] = 'mine'
-    with pytest.raises(FlushError) as caught:
-        S.flush()
-    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+        with pytest.raises(FlushError) as caught:
+            S.flush()
+        assert isinstance(caught.value.failures['a'],
+                          couchdb.ResourceConflict)
+        assert S.has_changes() and S['a']['_rev'] == landed
     assert on_server(db, 'a', 'f.txt') == theirs
-    assert generation(db, 'a') == 3 and S.has_changes()
+    assert generation(db, 'a') == 3
 
 
 @pytest.mark.parametrize('size', ['large', 'small'])
@@ -6575,6 +6583,117 @@ def test_a_resolver_after_a_lost_answer_gets_the_lost_write_as_base(
     change(db, 'a', y='them')
     S.flush(on_conflict=resolve)
     assert seen == [2] and content(db, 'a') == {'x': 5, 'y': 'them'}
+
+
+def delta(mine, theirs, base):
+    """A resolver that adds the user's change of counter ``n`` (mine less
+    base) to the other writer's: a base that is not what the user changed
+    from counts a change twice, or drops one."""
+    return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
+
+
+POLICIES = ['raise', 'merge', 'overwrite', delta]
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+def test_a_lost_answer_is_recognised_after_a_flush_that_never_arrived(
+        db, remote, forwarder, policy):
+    """A counter's write lands with its answer lost; the user counts once
+    more, and the next flush is cut before the server sees it; the flush
+    after that finds the first write on the server, its own: two counts
+    on the server, once each, and no conflict, for every policy."""
+    put(db, 'a', n=0)
+    S = Session(remote, on_conflict=policy)
+    S['a']['n'] += 1
+    lose_the_answer(S, forwarder)
+    S['a']['n'] += 1
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    assert content(db, 'a') == {'n': 1}
+    [(ok, _, rev)] = S.flush()
+    assert ok and content(db, 'a') == {'n': 2} and rev == db['a'].rev
+    assert generation(db, 'a') == 3 and not S.has_changes()
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge'])
+def test_a_lost_create_is_recognised_after_a_flush_that_never_arrived(
+        db, remote, forwarder, policy):
+    """The same for a create: the later flush writes the change made since
+    over the session's own create, and meets no conflict with it."""
+    S = Session(remote, on_conflict=policy)
+    S['x'] = {'tags': ['a']}
+    lose_the_answer(S, forwarder)
+    S['x']['tags'].append('b')
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    [(ok, _, _)] = S.flush()
+    assert ok and content(db, 'x') == {'tags': ['a', 'b']}
+    assert generation(db, 'x') == 2 and not S.has_changes()
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+def test_a_lost_write_under_another_writers_change_is_settled_as_written(
+        db, remote, forwarder, policy):
+    """A counter's write lands with its answer lost, another writer counts
+    on top, and the user does nothing more: as if the answer had come back,
+    the flush writes nothing (it resends the write, which conflicts, and
+    the server's history shows it) and reports the write, whatever the
+    policy; the other writer's count stays."""
+    put(db, 'a', n=0)
+    S = Session(remote, on_conflict=policy)
+    S['a']['n'] += 1
+    lose_the_answer(S, forwarder)
+    landed = db['a'].rev
+    change(db, 'a', n=2)
+    theirs = db['a'].rev
+    assert S.flush() == [(True, 'a', landed)]
+    assert content(db, 'a') == {'n': 2} and db['a'].rev == theirs
+    assert not S.has_changes() and S['a']['_rev'] == landed
+    assert S.flush() == []
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+def test_a_lost_deletion_under_another_writers_create_is_settled(
+        db, remote, forwarder, policy):
+    """A deletion lands with its answer lost, and another writer creates the
+    document again: the deletion is done, the session forgets the
+    document, and the other writer's stays, whatever the policy."""
+    put(db, 'a', n=0)
+    S = Session(remote, on_conflict=policy)
+    del S['a']
+    lose_the_answer(S, forwarder)
+    db['a'] = {'n': 'theirs'}
+    [(ok, _, rev)] = S.flush()
+    assert ok and rev.startswith('2-')
+    assert content(db, 'a') == {'n': 'theirs'} and not S.has_changes()
+    assert S['a']['n'] == 'theirs'     # read again: the session forgot it
+
+
+def test_a_conflict_raised_over_a_lost_write_is_merged_from_that_write(
+        db, remote, forwarder):
+    """After the lost write is found under another writer's change, 'raise'
+    reports only what the user changed since in conflict, and the
+    document's base is that write from then on: a merge afterwards takes
+    the other writer's count and the user's later change, and counts
+    nothing twice."""
+    put(db, 'a', n=0)
+    S = Session(remote)
+    S['a']['n'] += 1
+    lose_the_answer(S, forwarder)
+    landed = db['a'].rev
+    change(db, 'a', n=2)
+    S['a']['note'] = 'mine'
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['a'], couchdb.ResourceConflict)
+    assert (True, 'a', landed) in caught.value.results
+    assert S.diff(S['a']) == [{'op': 'add', 'path': '/note',
+                               'value': 'mine'}]
+    S.flush(on_conflict='merge')
+    assert content(db, 'a') == {'n': 2, 'note': 'mine'}
+    assert not S.has_changes()
 
 
 def test_a_create_whose_retry_meets_another_writers_document(
