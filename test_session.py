@@ -10119,6 +10119,158 @@ def test_the_session_keeps_to_the_users_intent(server_url):
                                   settings=settings.get_profile(MODEL_PROFILE))
 
 
+# -- Stateful model: counters, two sessions, a writer and lost answers --------
+
+# `SessionMachine` keeps its writer off the documents a broken flush left
+# unsure, and tries one fault at a time: the model of what a merge may do
+# after two broken flushes and another writer's change would be ambiguous.
+# This machine drops both limits for one intent a model can state exactly:
+# counting. Two sessions and a plain python-couchdb writer count on shared
+# documents; each count adds 1 to ``n`` and a tag of its own to ``seen``, in
+# one edit, so the server's ``n`` equals the number of its tags whatever the
+# order of the writes, unless a count was written twice or half. The
+# sessions flush through the forwarder, often through faults (answers
+# dropped, requests cut, connections reset), in any order and one after the
+# other, with 'raise' or with a resolver that adds the user's counts since
+# the base to the server's: a base that is not what the user counted from
+# counts twice or drops counts. In the end each session flushes with that
+# resolver, and the server must hold every count made, once.
+
+COUNTERS = ['c', 'd']
+
+
+def add_my_counts(mine, theirs, base):
+    """The server's version with what the user counted since ``base``."""
+    seen = dict(theirs['seen'])
+    seen.update((tag, True) for tag in mine['seen']
+                if tag not in base['seen'])
+    return dict(theirs, n=theirs['n'] + mine['n'] - base['n'], seen=seen)
+
+
+class CountingMachine(RuleBasedStateMachine):
+
+    server_url = None
+    forwarder = None
+
+    def __init__(self):
+        super().__init__()
+        self.database = temporary_database(self.server_url)
+        self.db = self.database.__enter__()
+        self.forwarder.mode = 'pass'
+        for id in COUNTERS:
+            self.db[id] = {'n': 0, 'seen': {}}
+        self.sessions = [Session(through(self.forwarder, self.db,
+                                         self.server_url)) for _ in (0, 1)]
+        self.refs = [{}, {}]    # {id: the session's doc['seen'], kept}
+        self.made = dict((id, set()) for id in COUNTERS)
+        self.tags = itertools.count()
+
+    def count_on(self, doc, seen, who):
+        """Count on ``doc`` (its ``seen`` may be a reference kept to it);
+        the tag of the count."""
+        tag = '%s%d' % (who, next(self.tags))
+        doc['n'] += 1
+        seen[tag] = True
+        return tag
+
+    @rule(who=st.sampled_from([0, 1]), id=st.sampled_from(COUNTERS),
+          kept=st.booleans())
+    def user_counts(self, who, id, kept):
+        """A user counts, through the document, or through a reference to
+        its ``seen`` kept since an earlier count."""
+        doc = self.sessions[who][id]
+        seen = self.refs[who].setdefault(id, doc['seen']) if kept else \
+            doc['seen']
+        self.made[id].add(self.count_on(doc, seen, 'u%d-' % who))
+
+    @rule(id=st.sampled_from(COUNTERS))
+    def writer_counts(self, id):
+        while True:
+            doc = self.db[id]
+            tag = self.count_on(doc, doc['seen'], 'w-')
+            try:
+                self.db.save(doc)
+            except couchdb.ResourceConflict:
+                continue
+            self.made[id].add(tag)
+            return
+
+    @rule(who=st.sampled_from([0, 1]),
+          policy=st.sampled_from(['raise', 'resolve']),
+          fault=st.sampled_from([None, 'drop_answer', 'drop_answer',
+                                 'drop_answer', 'cut_before', 'cut_before',
+                                 'reset']),
+          times=st.sampled_from([2, 2, 1]), bulk_only=st.booleans())
+    def user_flushes(self, who, policy, fault, times, bulk_only):
+        if fault is not None:
+            self.forwarder.fail(fault, times=times,
+                                when=is_bulk_docs if bulk_only else None)
+        try:
+            outcome = self.sessions[who].flush(
+                on_conflict='raise' if policy == 'raise' else add_my_counts)
+        except FlushError as exc:
+            outcome = exc
+        except Exception as exc:
+            if fault is None or not is_connection_failure(exc):
+                raise
+            outcome = exc
+        finally:
+            self.forwarder.mode = 'pass'
+        note('session %d flush(%s) through %s: %r' % (who, policy, fault,
+                                                       outcome))
+        event('counting flush: %s' % type(outcome).__name__)
+
+    @invariant()
+    def every_count_is_on_the_server_once_or_not_at_all(self):
+        for id in COUNTERS:
+            doc = self.db[id]
+            assert doc['n'] == len(doc['seen']), (
+                '%r: n is %d, with %d counts' % (id, doc['n'],
+                                                 len(doc['seen'])))
+            assert set(doc['seen']) <= self.made[id], doc
+
+    def teardown(self):
+        try:
+            self.forwarder.mode = 'pass'
+            for who, S in enumerate(self.sessions):
+                for _ in range(3):
+                    try:
+                        S.flush(on_conflict=add_my_counts)
+                        break
+                    except FlushError as exc:
+                        note('final flush of session %d: %r' % (who, exc))
+                assert not S.has_changes(), 'session %d kept changes' % who
+            for id in COUNTERS:
+                doc = self.db[id]
+                assert set(doc['seen']) == self.made[id], (
+                    '%r: the server has %r, the users made %r'
+                    % (id, sorted(doc['seen']), sorted(self.made[id])))
+                assert doc['n'] == len(self.made[id]), doc
+        finally:
+            self.database.__exit__(None, None, None)
+
+
+settings.register_profile(
+    'counting-ci', settings.get_profile('stateful-ci'), max_examples=80,
+    stateful_step_count=25)
+settings.register_profile(
+    'counting-soak', settings.get_profile('stateful-soak'), max_examples=2000)
+COUNTING_PROFILE = 'counting-soak' if os.environ.get('SESSION_SOAK') == '1' \
+    else 'counting-ci'
+
+
+def test_counts_survive_two_sessions_a_writer_and_lost_answers(server_url):
+    """The counting model: see the comment above `CountingMachine`."""
+    parts = urlsplit(server_url)
+    if parts.scheme != 'http':
+        pytest.skip('the forwarder speaks plain HTTP only')
+    with Forwarder(parts.hostname, parts.port or 80) as forwarder:
+        CountingMachine.server_url = server_url
+        CountingMachine.forwarder = forwarder
+        run_state_machine_as_test(
+            CountingMachine, settings=settings.get_profile(COUNTING_PROFILE))
+
+
 # -- Deep documents -----------------------------------------------------------
 
 # python-couchdb sends and reads back documents about as deep as the
