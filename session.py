@@ -4725,8 +4725,9 @@ class _Flush(object):
         for id, (rev, doc) in current.items():
             if doc is None:
                 continue            # deleted
-            if id in unsure and not any(_same_write(sent, doc) for sent, _
-                                        in plan.entry(id).sent):
+            read = self.attachment_reader(id, rev)
+            if id in unsure and not any(_same_write(sent, doc, read=read)
+                                        for sent, _ in plan.entry(id).sent):
                 self.record(id, _ResourceConflict(
                     ('conflict', 'the server holds a document this session '
                      'did not write')))
@@ -4817,6 +4818,20 @@ class _Flush(object):
 
     # Conflicts: one path for bulk writes and uploads.
 
+    def attachment_reader(self, id, rev):
+        """A function giving the content of an attachment of document
+        ``id`` at revision ``rev`` by filename (``None`` if it has none),
+        for `_same_write`: one ``GET /db/id/filename?rev=...`` each, read
+        whole (it is one the session sent inline: small)."""
+        def read(filename):
+            try:
+                _, _, data = self.session._db.resource(*_path_of(id)).get(
+                    filename, rev=rev)
+            except _ResourceNotFound:
+                return None
+            return b'' if data is None else data.read()
+        return read
+
     def current(self, ids):
         """``{id: (rev, document or None if deleted)}`` of the server's
         current versions, read as `_read_many` reads; an id the server
@@ -4855,8 +4870,9 @@ class _Flush(object):
         conflict), or ``None`` to keep the conflict."""
         mine = None if entry.state is _DELETED else entry.subject
         if entry.sent is not None:
+            read = self.attachment_reader(entry.id, rev)
             for sent, carried in reversed(entry.sent):
-                if _same_write(sent, theirs):
+                if _same_write(sent, theirs, read=read):
                     # An earlier write whose answer was lost reached the
                     # server: it is the base of what was changed since.
                     self.map.landed(entry, rev, carried)
@@ -4966,8 +4982,8 @@ class _Flush(object):
             there = read[written]
             if there is None:
                 found = None        # compacted away
-            elif _same_write(sent, None if there.get('_deleted') else
-                             there):
+            elif _same_write(sent, None if there.get('_deleted') else there,
+                             read=self.attachment_reader(entry.id, written)):
                 return written, sent, carried
         return found
 
@@ -5333,17 +5349,23 @@ def _content(document, leave_out=('_rev',)):
                 if key not in leave_out)
 
 
-def _same_write(sent, theirs, loose_numbers=True):
+def _same_write(sent, theirs, loose_numbers=True, read=None):
     """Whether the server's version ``theirs`` (``None`` if deleted) is the
     document ``sent``: the same content (numbers by value, unless not
     ``loose_numbers``: a JavaScript server keeps 1.0 as 1), and attachments
     of the same names, types and lengths (what the server says of them: its
-    digests may differ from the session's)."""
+    digests may differ from the session's). With ``read``, a function
+    giving the content of an attachment of ``theirs`` by filename, an
+    attachment ``sent`` carried whose digest cannot be compared is read
+    and compared."""
     if sent.get('_deleted') or theirs is None:
         return bool(sent.get('_deleted')) and theirs is None
     mine = sent.get('_attachments') or {}
     stubs = theirs.get('_attachments') or {}
-    if set(mine) != set(stubs):
+    leave_out = ('_rev', '_attachments')
+    if set(mine) != set(stubs) or not _same(
+            _content(sent, leave_out), _content(theirs, leave_out),
+            loose_numbers):
         return False
     # The generation the write gave, if it was an update: an attachment it
     # carried was last written then (a stub's revpos says when), or it is
@@ -5366,13 +5388,16 @@ def _same_write(sent, theirs, loose_numbers=True):
             return False
         # The server's digest is the MD5 of the data, but for the types
         # CouchDB compresses (it digests what it stores): where it can be
-        # compared, content of the same length can still differ.
-        if digest is not None and stub.get('digest') not in (None, digest) \
-                and not _compressed(stub.get('content_type')):
+        # compared, content of the same length can still differ. Else the
+        # content itself tells, if it may be read.
+        if digest is None:
+            continue
+        if _compressed(stub.get('content_type')) or 'digest' not in stub:
+            if read is not None and read(name) != data:
+                return False
+        elif stub['digest'] != digest:
             return False
-    leave_out = ('_rev', '_attachments')
-    return _same(_content(sent, leave_out), _content(theirs, leave_out),
-                 loose_numbers)
+    return True
 
 
 # The content types CouchDB compresses by default (``compressible_types``).

@@ -6412,6 +6412,38 @@ def test_a_lost_attachment_write_is_not_taken_for_another_writers_alike(
     assert generation(db, 'a') == 3
 
 
+@pytest.mark.parametrize('theirs', [b'world', b'hello'])
+def test_a_lost_create_with_a_text_attachment_is_told_by_its_content(
+        db, remote, forwarder, theirs):
+    """A create carrying a small text attachment never reaches the server
+    (cut before), and another writer creates the document with the same
+    fields and a text attachment of the same name, type and length. Its
+    digest cannot be compared (CouchDB digests what it compresses), so its
+    content is read (one GET): other content is a conflict, the session's
+    attachment stays pending and an overwrite writes it; the same content
+    cannot be told from the session's own write, and counts as it."""
+    S = Session(remote)
+    S['x'] = {'v': 1}
+    S.put_attachment(S['x'], b'hello', 'a.txt', 'text/plain')
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    db['x'] = {'v': 1}
+    db.put_attachment(db['x'], theirs, 'a.txt', 'text/plain')
+    if theirs == b'hello':
+        assert S.flush() == [(True, 'x', db['x'].rev)]
+        assert not S.has_changes()
+        return
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['x'], couchdb.ResourceConflict)
+    assert on_server(db, 'x', 'a.txt') == b'world'
+    assert S.get_attachment('x', 'a.txt').read() == b'hello'
+    assert S.has_changes()
+    S.flush(on_conflict='overwrite')
+    assert on_server(db, 'x', 'a.txt') == b'hello'
+
+
 @pytest.mark.parametrize('size', ['large', 'small'])
 def test_merge_after_a_lost_attachment_put_takes_the_writers_deletion_of_it(
         db, remote, forwarder, size):
