@@ -630,7 +630,8 @@ class Session(object):
 
         With ``checkpoint='name'``, the position after each written batch
         is recorded in ``_local/session-checkpoint-<name>`` (one ``PUT``
-        per batch), and the same call run again starts after the last
+        per batch; one ``GET`` more when the answer was lost and the retry
+        met the record made), and the same call run again starts after the last
         batch fully written. The run that reaches the end marks it
         finished: a rerun yields nothing, until that document is deleted.
         A batch whose write was interrupted is yielded again: a job should
@@ -2092,7 +2093,17 @@ class _DocIterator(object):
                     cursor=self.cursor.state())
         if self.checkpoint_rev is not None:
             body['_rev'] = self.checkpoint_rev
-        self.checkpoint_rev = self.session._db.save(body)[1]
+        try:
+            self.checkpoint_rev = self.session._db.save(body)[1]
+        except _ResourceConflict:
+            # The answer to a save that landed may have been lost, and
+            # python-couchdb's retry met the record it had made: then it is
+            # done (one more GET to tell).
+            there = self.session._db.get(self.checkpoint)
+            if there is None or not _same(_content(there), _content(body),
+                                          loose_numbers=True):
+                raise
+            self.checkpoint_rev = there['_rev']
 
 
 class _ViewCursor(object):

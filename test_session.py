@@ -2495,6 +2495,26 @@ def test_iterdocs_resumes_from_its_checkpoint(db):
     assert len(list(Session(db).iterdocs(batch=3, checkpoint='job'))) == 10
 
 
+def test_a_checkpoint_whose_answer_was_lost_is_recorded_once(
+        db, remote, forwarder):
+    """The answer to a checkpoint's save is lost after the server stored it,
+    and python-couchdb's retry meets the record it made: the job goes on
+    (one GET tells the record is its own), every document is changed, and
+    the record says the job finished."""
+    ids = numbered(db, 6)
+    S = Session(remote)
+    jobs = S.iterdocs(batch=2, checkpoint='job')
+    forwarder.fail('drop_answer', times=1,
+                   when=lambda method, path: method == 'PUT' and
+                   '_local/' in path)
+    for doc in jobs:
+        doc['v'] = 1
+    assert jobs.done == 6 and forwarder.pending_rules == 0     # it failed
+    assert [db[id].get('v') for id in ids] == [1] * 6
+    assert set(generations(db).values()) == {2}
+    assert db['_local/session-checkpoint-job']['finished'] is True
+
+
 def test_a_checkpoint_belongs_to_one_job(db, by_group):
     """A checkpoint recorded for one view and options is refused for
     another, naming both."""
