@@ -1086,7 +1086,8 @@ class Session(object):
           no read unless an outcome was unknown).
         - ``'overwrite'``: the last writer wins: the session's version is
           written over the server's revision (a deletion deletes it; a
-          change over a server-side deletion writes the document again).
+          change over a server-side deletion writes the document again),
+          without the stubs of attachments the server no longer has.
         - ``'merge'``: a three-way merge of the version fetched (the empty
           document for one created or adopted in the session), the
           session's and the server's. Dicts merge key by key; a value
@@ -4923,7 +4924,7 @@ class _Flush(object):
             return self.settle_on(entry, None, rev, theirs)   # both deleted
         base = entry.merge_base()
         if self.on_conflict == 'overwrite':
-            content = mine
+            content = _stubs_there(mine, theirs)
         elif self.on_conflict == 'merge':
             try:
                 content = _merge_documents(base, mine, theirs,
@@ -4941,6 +4942,7 @@ class _Flush(object):
             self.chosen.add(entry.id)
             if content is None:
                 return None
+            content = _stubs_there(content, theirs)
             problem = self.refusal_of(entry, content)
             if problem is not None:
                 return problem      # the document stays as it was
@@ -5508,6 +5510,28 @@ def _take_stubs(base, document):
         base['_attachments'] = _plain(stubs)
     else:
         base.pop('_attachments', None)
+
+
+def _stubs_there(document, theirs):
+    """``document`` (``None`` for a deletion), to be written over the
+    server's version ``theirs`` (``None`` if deleted), without the stubs of
+    the attachments ``theirs`` lacks: a stub keeps an attachment the server
+    has, and CouchDB refuses one for an attachment it no longer has (412
+    ``missing_stub``); the session has no content to send for it."""
+    stubs = None if document is None else document.get('_attachments')
+    if not stubs:
+        return document
+    there = (theirs or {}).get('_attachments') or {}
+    kept = dict((name, stub) for name, stub in stubs.items()
+                if name in there or not stub.get('stub'))
+    if len(kept) == len(stubs):
+        return document
+    document = dict(document)
+    if kept:
+        document['_attachments'] = kept
+    else:
+        del document['_attachments']
+    return document
 
 
 def _generation(rev):

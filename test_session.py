@@ -6464,6 +6464,30 @@ def test_a_lost_create_with_a_text_attachment_is_told_by_its_content(
     assert on_server(db, 'x', 'a.txt') == b'hello'
 
 
+@pytest.mark.parametrize('policy', ['overwrite', 'mine'])
+def test_overwriting_leaves_out_the_stub_of_an_attachment_deleted_meanwhile(
+        db, policy):
+    """Another writer deletes an attachment the session's version still
+    shows; 'overwrite' (or a resolver choosing mine) writes the session's
+    version without that stub: the session has no content for it, and
+    CouchDB refuses a stub of an attachment it no longer has (412
+    missing_stub) where PouchDB Server would bring it back. The user's
+    change is written, and nothing is left pending."""
+    db['a'] = {'v': 0}
+    db.put_attachment(db['a'], b'gone soon', 'f.bin', 'application/x-f')
+    db.put_attachment(db['a'], b'stays', 'g.bin', 'application/x-f')
+    S = Session(db)
+    S['a']['v'] = 1
+    db.delete_attachment(db['a'], 'f.bin')
+    S.flush(on_conflict='overwrite' if policy == 'overwrite' else
+            lambda mine, theirs, base: mine)
+    assert content(db, 'a')['v'] == 1
+    assert sorted(db['a']['_attachments']) == ['g.bin']
+    assert on_server(db, 'a', 'g.bin') == b'stays'
+    assert sorted(S['a']['_attachments']) == ['g.bin']
+    assert not S.has_changes()
+
+
 @pytest.mark.parametrize('size', ['large', 'small'])
 def test_merge_after_a_lost_attachment_put_takes_the_writers_deletion_of_it(
         db, remote, forwarder, size):
@@ -9019,8 +9043,11 @@ class Outcome(object):
     """
 
     def __init__(self, kind, body=None, attachments=None, gens=(),
-                 error=None, resolver=False, why=''):
+                 error=None, resolver=False, why='', below=None):
         self.kind, self.body, self.error = kind, body, error
+        # For 'unchanged': the version under the server's, taken for the
+        # session's own write (see `SessionMachine.own_write_below`).
+        self.below = below
         self.attachments = attachments or {}
         self.gens, self.resolver, self.why = set(gens), resolver, why
 
@@ -9140,6 +9167,37 @@ class SessionMachine(RuleBasedStateMachine):
                     same(user_body(old), body):
                 return True
         return False
+
+    def own_write_below(self, id):
+        """The version right after the one the session writes ``id`` over,
+        in the history of the server's current version, if it is what the
+        session sends and the server moved past it: the session takes it for
+        its own write whose answer was lost (as the writer's identical
+        edit cannot be told from it), settled as written (rule 6)."""
+        held, version = self.held.get(id), self.server.get(id)
+        if held is None or held.kind not in ('fetched', 'deleted') or \
+                held.pending or version is None:
+            return None
+        base = held.base
+        latest = self.db.get(id, rev=version.rev, revs=True) or {}
+        revisions = latest.get('_revisions') or {}
+        index = revisions.get('start', 0) - generation_of(base.rev) - 1
+        ids = revisions.get('ids', [])
+        if not 0 < index < len(ids) - 1 or \
+                ids[index + 1] != base.rev.split('-', 1)[1]:
+            return None
+        rev = '%d-%s' % (generation_of(base.rev) + 1, ids[index])
+        child = self.db.get(id, rev=rev)
+        if child is None:
+            return None
+        if held.kind == 'deleted':
+            return Version(rev, None, {}) if child.get('_deleted') else None
+        stubs = child.get('_attachments') or {}
+        if child.get('_deleted') or not same(user_body(child), held.mirror,
+                                             exact_numbers=False) or \
+                sorted(stubs) != sorted(held.attachments):
+            return None
+        return Version(rev, user_body(child), held.attachments)
 
     def drop_refs(self, id):
         self.refs = [ref for ref in self.refs if ref.id != id]
@@ -9768,21 +9826,20 @@ class SessionMachine(RuleBasedStateMachine):
         if policy == 'raise':
             return [conflict]
         bulk = 1            # the resolved document is written
-        stubs = {name: [content] + ([theirs_atts[name]]
-                                    if name in theirs_atts else [])
-                 for name, content in held.attachments.items()}
+        # The stubs of attachments the server no longer has are dropped:
+        # there is nothing to keep.
+        stubs = {name: [content, theirs_atts[name]]
+                 for name, content in held.attachments.items()
+                 if name in theirs_atts}
         as_mine = dict(stubs, **exact(
             {name: content for name, content in held.pending.items()
              if content is not None}))
         for name, content in held.pending.items():
             if content is None:
                 as_mine.pop(name, None)
-        refused = Outcome('unchanged', error=Exception, why='stub refused')
-        maybe_refused = [refused] if mine is not ABSENT and set(
-            held.attachments) - set(theirs_atts) else []
         if policy == 'overwrite':
             return [written(mine, as_mine, 'overwrite',
-                            taken=True)] + maybe_refused
+                            taken=True)]
         if policy == 'merge':
             if ABSENT in (mine, theirs) and base is not ABSENT:
                 # A deletion against the other side's version: a conflict
@@ -9809,7 +9866,7 @@ class SessionMachine(RuleBasedStateMachine):
         if choice == 'mine' or theirs is ABSENT or (
                 choice == 'theirs and my fields' and mine is ABSENT):
             return [written(mine, as_mine, 'resolved: mine', resolver=True,
-                            taken=True)] + maybe_refused
+                            taken=True)]
         if choice == 'theirs':
             content = theirs
         else:
@@ -9867,6 +9924,12 @@ class SessionMachine(RuleBasedStateMachine):
                         'written', mine, exact(mine_atts),
                         gens=[version.gen + len(large)],
                         why='maybe its own write, retried'))
+        for id, outcomes in expected.items():
+            below = self.own_write_below(id) if fault is not None or \
+                id in self.unsure else None
+            if below is not None:
+                outcomes.append(Outcome('unchanged', below=below,
+                                        why='rule 6: its own, found below'))
         for id, outcomes in expected.items():
             note('expected for %r: %r' % (id, outcomes))
         calls = []
@@ -10007,6 +10070,14 @@ class SessionMachine(RuleBasedStateMachine):
     def settle(self, id, outcome, seen, broken, results):
         """Make the model what ``outcome`` left."""
         held = self.held[id]
+        if outcome.below is not None and not broken:
+            # Settled as its own write, under the writer's change.
+            if outcome.below.body is None:
+                self.drop_refs(id)
+                del self.held[id]
+            else:
+                held.base = outcome.below
+            return
         if outcome.kind == 'unchanged':
             if outcome.error is couchdb.ResourceNotFound or (
                     held.kind == 'deleted by id' and not broken and
@@ -10138,7 +10209,9 @@ class SessionMachine(RuleBasedStateMachine):
                 continue
             # Rule 6: needed if the server differs from the user's intent.
             version = self.landed.get(id, ())
-            if version == () and held.mine()[0] is ABSENT:
+            if version == () and self.own_write_below(id) is not None:
+                differs = False     # the session may have settled it so
+            elif version == () and held.mine()[0] is ABSENT:
                 server = self.server.get(id)
                 differs = server is not None and server.body is not None
             elif version == ():
