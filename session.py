@@ -3574,6 +3574,15 @@ class _Entry(object):
             del self.sent[-1]
         self.sent.append((sent, carried))
 
+    def refused(self, payload):
+        """The server refused ``payload``, for what it holds: a lost write
+        that sent the same would have been refused too, and never landed.
+        Any other may have: PouchDB Server validates a write before it
+        looks at its revision, so a refusal tells nothing of the others."""
+        if self.sent is not None:
+            self.sent = [(sent, carried) for sent, carried in self.sent
+                         if not _same(sent, payload)] or None
+
     @property
     def carried(self):
         """The attachment changes the writes in `sent` carried, by
@@ -3848,13 +3857,13 @@ class _PendingAttachments(object):
         reached the server: those still pending as they were are done."""
         stubs = subject.setdefault('_attachments', {})
         for filename, attachment in carried.items():
-            if self.changes.get(filename, _MISSING) is not attachment:
-                continue            # changed since
             if attachment is None:
                 stubs.pop(filename, None)
             else:
                 self.stub(stubs, filename, attachment)
-            del self.changes[filename]
+            if self.changes.get(filename, _MISSING) is attachment:
+                del self.changes[filename]
+            # else changed since: that change stays pending, over this
         if not stubs:
             del subject['_attachments']
 
@@ -4232,6 +4241,10 @@ def _members(value):
 
 # What `_Flush.settle` returns for a document to send again.
 _RESEND = object()
+
+# How many revisions under the server's `_Flush.landed_below` reads, at
+# most, looking for a create whose answer was lost.
+_CREATE_LOOK_BACK = 10
 
 # What `_Flush.landed_below` returns when the server's history shows that a
 # lost write did not reach it.
@@ -4651,9 +4664,7 @@ class _Flush(object):
                     # to conflict with): nothing to delete, or to retry.
                     self.map.forget(entry)
                 elif not isinstance(outcome, _ResourceConflict):
-                    # The server checks revisions first: it would have
-                    # answered a conflict had it applied an earlier write.
-                    entry.sent = None
+                    entry.refused(payload)
 
     def split(self, batch, refused):
         """The batches to send of ``batch``, which the server refused as a
@@ -4970,33 +4981,52 @@ class _Flush(object):
         attachment changes it carried)``: the revision after the one it
         was written over, if that holds what was sent; `_NOT_THERE` if none
         is there; ``None`` if that cannot be told (compaction drops the
-        bodies of old revisions). Two ``GET`` requests for each revision
-        the writes were sent over (they share one); ``rev`` may be a
-        deletion's (a tombstone has a history too)."""
+        bodies of old revisions). One ``GET`` for the history, one for each
+        revision it could be; ``rev`` may be a deletion's (a tombstone has
+        a history too)."""
         if rev is None:
             return None
         db = self.session._db
-        history = db.get(entry.id, rev=rev, revs='true') or {}
-        revisions = history.get('_revisions') or {}
-        ids = revisions.get('ids') or []
+        history = db.get(entry.id, rev=rev, revs_info='true') or {}
+        # The revisions, newest first, and whether each is a deletion
+        # (CouchDB says so; PouchDB Server calls every body 'available').
+        info = [(item.get('rev'), item.get('status'))
+                for item in history.get('_revs_info') or ()]
         read, found = {}, _NOT_THERE
-        for sent, carried in reversed(entry.sent):
-            generation = _generation(sent.get('_rev')) + 1
-            index = revisions.get('start', 0) - generation
-            if not 0 < index < len(ids):
-                continue            # not below the current version
-            if sent.get('_rev') and (index + 1 >= len(ids) or sent['_rev'] !=
-                                     '%d-%s' % (generation - 1,
-                                                ids[index + 1])):
-                continue            # the history went another way
-            written = '%d-%s' % (generation, ids[index])
+
+        def version(written):
             if written not in read:
                 read[written] = db.get(entry.id, rev=written)
-            there = read[written]
-            if there is None:
-                found = None        # compacted away
-            elif _same_write(sent, None if there.get('_deleted') else there,
-                             read=self.attachment_reader(entry.id, written)):
+            return read[written]
+
+        for sent, carried in reversed(entry.sent):
+            parent = sent.get('_rev')
+            if parent:
+                revs = [n for n in range(1, len(info) - 1)
+                        if info[n + 1][0] == parent]
+            else:
+                # A create: the first revision, or one after a deletion
+                # (CouchDB carries on a deleted branch), most likely among
+                # the latest.
+                revs = range(1, min(len(info), _CREATE_LOOK_BACK + 1))
+            for n in revs:
+                written = info[n][0]
+                there = version(written)
+                if there is None:
+                    found = None        # compacted away
+                    continue
+                if not _same_write(sent, None if there.get('_deleted') else
+                                   there, read=self.attachment_reader(
+                                       entry.id, written)):
+                    continue
+                if not parent and n + 1 < len(info) and \
+                        info[n + 1][1] != 'deleted':
+                    below = version(info[n + 1][0])
+                    if below is None:
+                        found = None
+                        continue
+                    if not below.get('_deleted'):
+                        continue        # an update, not a create
                 return written, sent, carried
         return found
 
@@ -5519,11 +5549,12 @@ def _stubs_there(document, theirs):
     has, and CouchDB refuses one for an attachment it no longer has (412
     ``missing_stub``); the session has no content to send for it."""
     stubs = None if document is None else document.get('_attachments')
-    if not stubs:
-        return document
+    if not stubs or not isinstance(stubs, dict):
+        return document         # (what is no dict is refused when checked)
     there = (theirs or {}).get('_attachments') or {}
     kept = dict((name, stub) for name, stub in stubs.items()
-                if name in there or not stub.get('stub'))
+                if name in there or not isinstance(stub, dict) or
+                not stub.get('stub'))
     if len(kept) == len(stubs):
         return document
     document = dict(document)

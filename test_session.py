@@ -6664,7 +6664,9 @@ def test_a_resolver_after_a_lost_answer_gets_the_lost_write_as_base(
 def delta(mine, theirs, base):
     """A resolver that adds the user's change of counter ``n`` (mine less
     base) to the other writer's: a base that is not what the user changed
-    from counts a change twice, or drops one."""
+    from counts a change twice, or drops one. The user's deletion wins."""
+    if mine is None:
+        return {'_deleted': True}
     return dict(theirs, n=theirs['n'] + mine['n'] - base['n'])
 
 
@@ -6745,6 +6747,105 @@ def test_a_lost_deletion_under_another_writers_create_is_settled(
     assert ok and rev.startswith('2-')
     assert content(db, 'a') == {'n': 'theirs'} and not S.has_changes()
     assert S['a']['n'] == 'theirs'     # read again: the session forgot it
+
+
+@pytest.mark.parametrize('policy', POLICIES)
+@pytest.mark.parametrize('then', ['nothing', 'deleted'])
+def test_a_lost_create_over_a_deletion_is_found_under_another_writers_change(
+        db, remote, forwarder, policy, then):
+    """A create over a deleted document carries on its deleted branch (not
+    at revision 1), its answer is lost, and another writer counts on top:
+    the server's history still shows the create as the session's own. With
+    nothing done since, nothing is written; a deletion made since deletes
+    the document, or, with 'raise', is reported in conflict and stays
+    pending."""
+    put(db, 'x', old=True)
+    db.delete(db['x'])
+    S = Session(remote, on_conflict=policy)
+    S['x'] = {'n': 1}
+    lose_the_answer(S, forwarder)
+    assert generation(db, 'x') == 3
+    change(db, 'x', n=2)
+    if then == 'nothing':
+        [(ok, _, rev)] = S.flush()
+        assert ok and rev.startswith('3-') and content(db, 'x') == {'n': 2}
+        assert not S.has_changes()
+        return
+    del S['x']
+    if policy == 'raise':
+        with pytest.raises(FlushError) as caught:
+            S.flush()
+        assert isinstance(caught.value.failures['x'],
+                          couchdb.ResourceConflict)
+        assert content(db, 'x') == {'n': 2} and S.has_changes()
+    elif policy == 'merge':
+        with pytest.raises(FlushError):     # a deletion against a change
+            S.flush()
+        assert content(db, 'x') == {'n': 2} and S.has_changes()
+    else:
+        S.flush()
+        assert 'x' not in db and not S.has_changes()
+
+
+@pytest.mark.parametrize('policy', ['raise', delta])
+def test_a_refusal_after_a_lost_answer_keeps_the_lost_write_in_mind(
+        db, validated, remote, forwarder, policy):
+    """A counter's write lands with its answer lost; the next write is
+    refused (forbidden) by PouchDB Server before it looks at the revision;
+    once the user takes the bad value out, the flush after finds the first
+    write as the session's own: two counts, each once."""
+    put(db, 'c', n=0)
+    S = Session(remote, on_conflict=policy)
+    S['c']['n'] += 1
+    lose_the_answer(S, forwarder)
+    S['c']['n'] += 1
+    S['c']['forbidden'] = True
+    with pytest.raises(FlushError):
+        S.flush()
+    del S['c']['forbidden']
+    S.flush()
+    assert content(db, 'c') == {'n': 2} and not S.has_changes()
+
+
+@pytest.mark.parametrize('then', ['deleted', 'put again'])
+def test_an_attachment_changed_after_its_lost_put_merges(db, remote,
+                                                         forwarder, then):
+    """A lost write carried an attachment put, which landed; another writer
+    changes a field; the user deletes the attachment, or puts new content:
+    'merge' takes the attachment as the session's own write, so the user's
+    change of it is no conflict, and both changes are written."""
+    put(db, 'c', n=0)
+    S = Session(remote, on_conflict='merge')
+    S.put_attachment(S['c'], b'\x00first', 'a.bin', 'application/x-a')
+    lose_the_answer(S, forwarder)
+    change(db, 'c', x='theirs')
+    if then == 'deleted':
+        S.delete_attachment(S['c'], 'a.bin')
+    else:
+        S.put_attachment(S['c'], b'\x00second', 'a.bin', 'application/x-a')
+    S.flush()
+    assert content(db, 'c').get('x') == 'theirs' and not S.has_changes()
+    assert on_server(db, 'c', 'a.bin') == (None if then == 'deleted' else
+                                           b'\x00second')
+
+
+@pytest.mark.parametrize('value', ['oops', {'f.txt': None}, ['f.txt']])
+def test_a_resolver_giving_bad_attachments_is_refused_not_crashed(
+        db, value):
+    """A resolve function's document with an ``_attachments`` that is no
+    dict of stubs is that document's refusal, reported; the flush writes
+    the others."""
+    put(db, 'a', n=0)
+    put(db, 'b', n=0)
+    S = Session(db)
+    S['a']['n'] = 1
+    S['b']['n'] = 1
+    change(db, 'a', n=5)
+    with pytest.raises(FlushError) as caught:
+        S.flush(on_conflict=lambda mine, theirs, base:
+                dict(theirs, _attachments=value))
+    assert set(caught.value.failures) == {'a'}
+    assert content(db, 'b') == {'n': 1} and content(db, 'a') == {'n': 5}
 
 
 def test_a_conflict_raised_over_a_lost_write_is_merged_from_that_write(
@@ -9175,12 +9276,27 @@ class SessionMachine(RuleBasedStateMachine):
         its own write whose answer was lost (as the writer's identical
         edit cannot be told from it), settled as written (rule 6)."""
         held, version = self.held.get(id), self.server.get(id)
-        if held is None or held.kind not in ('fetched', 'deleted') or \
-                held.pending or version is None:
+        if held is None or held.kind == 'deleted by id' or held.pending or \
+                version is None:
             return None
         base = held.base
         latest = self.db.get(id, rev=version.rev, revs=True) or {}
         revisions = latest.get('_revisions') or {}
+        if held.kind == 'new':
+            # A create: the first revision, or one after a deletion, among
+            # the ten under the server's.
+            revs = ['%d-%s' % (revisions.get('start', 0) - n, hash)
+                    for n, hash in enumerate(revisions.get('ids', []))]
+            for n in range(1, min(len(revs), 11)):
+                child = self.db.get(id, rev=revs[n]) or {'_deleted': True}
+                if child.get('_deleted') or child.get('_attachments') or \
+                        not same(user_body(child), held.mirror,
+                                 exact_numbers=False):
+                    continue
+                if n + 1 == len(revs) or (self.db.get(
+                        id, rev=revs[n + 1]) or {}).get('_deleted'):
+                    return Version(revs[n], user_body(child), {})
+            return None
         index = revisions.get('start', 0) - generation_of(base.rev) - 1
         ids = revisions.get('ids', [])
         if not 0 < index < len(ids) - 1 or \
@@ -10076,7 +10192,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.drop_refs(id)
                 del self.held[id]
             else:
-                held.base = outcome.below
+                held.kind, held.base = 'fetched', outcome.below
             return
         if outcome.kind == 'unchanged':
             if outcome.error is couchdb.ResourceNotFound or (
