@@ -3304,7 +3304,7 @@ class _IdentityMap(object):
     def landed(self, entry, rev, carried):
         """A write whose answer was lost, carrying the attachment changes
         ``carried``, reached the server, at ``rev``: they are done, unless
-        changed since."""
+        changed since (see `_PendingAttachments.landed`)."""
         entry.sent = None
         if entry.state is _DELETED:
             return
@@ -3854,7 +3854,8 @@ class _PendingAttachments(object):
 
     def landed(self, subject, carried):
         """A write whose answer was lost, carrying the changes ``carried``,
-        reached the server: those still pending as they were are done."""
+        reached the server: the document's stubs show them, and those still
+        pending as they were are done."""
         stubs = subject.setdefault('_attachments', {})
         for filename, attachment in carried.items():
             if attachment is None:
