@@ -3574,15 +3574,6 @@ class _Entry(object):
             del self.sent[-1]
         self.sent.append((sent, carried))
 
-    def refused(self, payload):
-        """The server refused ``payload``, for what it holds: a lost write
-        that sent the same would have been refused too, and never landed.
-        Any other may have: PouchDB Server validates a write before it
-        looks at its revision, so a refusal tells nothing of the others."""
-        if self.sent is not None:
-            self.sent = [(sent, carried) for sent, carried in self.sent
-                         if not _same(sent, payload)] or None
-
     @property
     def carried(self):
         """The attachment changes the writes in `sent` carried, by
@@ -4243,9 +4234,9 @@ def _members(value):
 # What `_Flush.settle` returns for a document to send again.
 _RESEND = object()
 
-# How many revisions under the server's `_Flush.landed_below` reads, at
-# most, looking for a create whose answer was lost.
-_CREATE_LOOK_BACK = 10
+# How many revisions of a history `_Flush.latest_start` reads, at most,
+# looking for where a create whose answer was lost may be.
+_HISTORY_READS = 100
 
 # What `_Flush.landed_below` returns when the server's history shows that a
 # lost write did not reach it.
@@ -4664,8 +4655,10 @@ class _Flush(object):
                     # Gone already (a _local document leaves no tombstone
                     # to conflict with): nothing to delete, or to retry.
                     self.map.forget(entry)
-                elif not isinstance(outcome, _ResourceConflict):
-                    entry.refused(payload)
+                # Any other refusal leaves the lost writes in `sent`: one
+                # may be on the server all the same (PouchDB Server
+                # validates a write before it looks at its revision, and a
+                # validation may refuse a write for the one that landed).
 
     def split(self, batch, refused):
         """The batches to send of ``batch``, which the server refused as a
@@ -4995,10 +4988,10 @@ class _Flush(object):
                 for item in history.get('_revs_info') or ()]
         read, found = {}, _NOT_THERE
 
-        def version(written):
-            if written not in read:
-                read[written] = db.get(entry.id, rev=written)
-            return read[written]
+        def version(n):
+            if n not in read:
+                read[n] = db.get(entry.id, rev=info[n][0])
+            return read[n]
 
         for sent, carried in reversed(entry.sent):
             parent = sent.get('_rev')
@@ -5006,30 +4999,45 @@ class _Flush(object):
                 revs = [n for n in range(1, len(info) - 1)
                         if info[n + 1][0] == parent]
             else:
-                # A create: the first revision, or one after a deletion
-                # (CouchDB carries on a deleted branch), most likely among
-                # the latest.
-                revs = range(1, min(len(info), _CREATE_LOOK_BACK + 1))
+                revs = self.latest_start(info, version)
+                if revs is None:
+                    found = None
+                    continue
             for n in revs:
-                written = info[n][0]
-                there = version(written)
+                there = version(n)
                 if there is None:
                     found = None        # compacted away
-                    continue
-                if not _same_write(sent, None if there.get('_deleted') else
-                                   there, read=self.attachment_reader(
-                                       entry.id, written)):
-                    continue
-                if not parent and n + 1 < len(info) and \
-                        info[n + 1][1] != 'deleted':
-                    below = version(info[n + 1][0])
-                    if below is None:
-                        found = None
-                        continue
-                    if not below.get('_deleted'):
-                        continue        # an update, not a create
-                return written, sent, carried
+                elif _same_write(sent, None if there.get('_deleted') else
+                                 there, read=self.attachment_reader(
+                                     entry.id, info[n][0])):
+                    return info[n][0], sent, carried
         return found
+
+    def latest_start(self, info, version):
+        """Where a create whose answer was lost may be in a history
+        (``info``: the revisions from the server's latest down, with their
+        status; ``version(n)`` reads one): ``[n]`` of the newest revision
+        that started the document, the first one or the one after a
+        deletion (CouchDB carries on a deleted branch), unless that is the
+        latest (``[]``); ``None`` if that cannot be told. An older start is
+        not the session's: its create was sent after the deletion above it.
+        CouchDB gives a deletion's status; PouchDB Server calls every body
+        'available', so the revisions are read down to the deletion (at
+        most `_HISTORY_READS` of them)."""
+        for n in range(1, len(info)):
+            status = info[n][1]
+            if status == 'available':
+                below = version(n) if n <= _HISTORY_READS else None
+                if below is None:
+                    return None     # too far down, or compacted away
+                deleted = bool(below.get('_deleted'))
+            elif status == 'deleted':
+                deleted = True
+            else:
+                return None         # compacted away
+            if deleted:
+                return [n - 1] if n > 1 else []
+        return [len(info) - 1] if len(info) > 1 else []
 
     def settle_on(self, entry, content, rev, theirs, sent=None):
         """Make ``content`` (``None`` for a deletion) what ``entry`` writes

@@ -5918,6 +5918,13 @@ def test_lost_answer_beside_a_refused_document(db, validated, remote,
     assert list(caught.value.failures) == ['f']
     assert isinstance(caught.value.failures['f'], couchdb.Forbidden)
     del S['f']
+    # The create's first attempt may have landed all the same (a
+    # validation may look at the old document): its deletion looks it up,
+    # and finds none.
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert list(caught.value.failures) == ['f']
+    assert isinstance(caught.value.failures['f'], couchdb.ResourceNotFound)
     assert_work_done_once(db, S)
 
 
@@ -6785,6 +6792,75 @@ def test_a_lost_create_over_a_deletion_is_found_under_another_writers_change(
     else:
         S.flush()
         assert 'x' not in db and not S.has_changes()
+
+
+@pytest.mark.parametrize('policy', ['raise', 'merge', 'overwrite'])
+def test_a_create_is_not_taken_for_an_older_document_with_its_content(
+        db, remote, forwarder, policy):
+    """A create that never reached the server (cut before) holds what a
+    document deleted long before held; another writer creates the document
+    anew: the old revision is no write of the session's (its create came
+    after the deletion), so this is a conflict ('overwrite' writes the
+    session's version), and the create is not lost."""
+    put(db, 'x', state='on')
+    db.delete(db['x'])
+    S = Session(remote, on_conflict=policy)
+    S['x'] = {'state': 'on'}
+    forwarder.fail('cut_before', when=is_bulk_docs, times=2)
+    with pytest.raises(OSError):
+        S.flush()
+    db['x'] = {'state': 'off'}
+    if policy == 'overwrite':
+        S.flush()
+        assert content(db, 'x') == {'state': 'on'} and not S.has_changes()
+        return
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['x'], couchdb.ResourceConflict)
+    assert content(db, 'x') == {'state': 'off'} and S.has_changes()
+
+
+def test_a_lost_create_is_found_under_many_later_changes(db, remote,
+                                                         forwarder):
+    """A create lands with its answer lost, and another writer counts on
+    it many times: the history still shows it as the session's own, and a
+    resolver counting the user's later change gets it as the base."""
+    S = Session(remote, on_conflict=delta)
+    S['c'] = {'n': 1}
+    lose_the_answer(S, forwarder)
+    for n in range(2, 15):
+        change(db, 'c', n=n)
+    S['c']['n'] += 1
+    S.flush()
+    assert content(db, 'c') == {'n': 15} and not S.has_changes()
+
+
+ONLY_UP = """function (newDoc, oldDoc, userCtx) {
+  if (oldDoc && !newDoc._deleted && !(newDoc.n > oldDoc.n))
+    throw({forbidden: 'n only goes up'});
+}"""
+
+
+@pytest.mark.parametrize('policy', ['raise', delta])
+def test_a_refusal_for_the_write_that_landed_keeps_it_in_mind(
+        db, remote, forwarder, policy):
+    """A counter may only go up (the validation looks at the old
+    document); its write lands with the answer lost, and the retry is
+    refused for the very write that landed: the next flush still finds
+    that write as the session's own, and counts the user's later change
+    once."""
+    db['_design/up'] = {'validate_doc_update': ONLY_UP}
+    put(db, 'c', n=0)
+    S = Session(remote, on_conflict=policy)
+    S['c']['n'] += 1
+    forwarder.fail('drop_answer', when=is_bulk_docs, times=1)
+    with pytest.raises(FlushError) as caught:
+        S.flush()
+    assert isinstance(caught.value.failures['c'], couchdb.Forbidden)
+    assert content(db, 'c') == {'n': 1}
+    S['c']['n'] += 1
+    S.flush()
+    assert content(db, 'c') == {'n': 2} and not S.has_changes()
 
 
 @pytest.mark.parametrize('policy', ['raise', delta])
@@ -9283,20 +9359,22 @@ class SessionMachine(RuleBasedStateMachine):
         latest = self.db.get(id, rev=version.rev, revs=True) or {}
         revisions = latest.get('_revisions') or {}
         if held.kind == 'new':
-            # A create: the first revision, or one after a deletion, among
-            # the ten under the server's.
+            # A create: the newest revision under the server's that started
+            # the document (the first, or the one after a deletion).
             revs = ['%d-%s' % (revisions.get('start', 0) - n, hash)
                     for n, hash in enumerate(revisions.get('ids', []))]
-            for n in range(1, min(len(revs), 11)):
-                child = self.db.get(id, rev=revs[n]) or {'_deleted': True}
-                if child.get('_deleted') or child.get('_attachments') or \
-                        not same(user_body(child), held.mirror,
-                                 exact_numbers=False):
-                    continue
-                if n + 1 == len(revs) or (self.db.get(
-                        id, rev=revs[n + 1]) or {}).get('_deleted'):
-                    return Version(revs[n], user_body(child), {})
-            return None
+            start = len(revs) - 1
+            for n in range(1, len(revs)):
+                if (self.db.get(id, rev=revs[n]) or {}).get('_deleted'):
+                    start = n - 1
+                    break
+            child = self.db.get(id, rev=revs[start]) if start > 0 else None
+            if child is None or child.get('_deleted') or \
+                    child.get('_attachments') or \
+                    not same(user_body(child), held.mirror,
+                             exact_numbers=False):
+                return None
+            return Version(revs[start], user_body(child), {})
         index = revisions.get('start', 0) - generation_of(base.rev) - 1
         ids = revisions.get('ids', [])
         if not 0 < index < len(ids) - 1 or \
