@@ -630,10 +630,11 @@ class Session(object):
 
         With ``checkpoint='name'``, the position after each written batch
         is recorded in ``_local/session-checkpoint-<name>`` (one ``PUT``
-        per batch; one ``GET`` more when the answer was lost and the retry
-        met the record made), and the same call run again starts after the last
-        batch fully written. The run that reaches the end marks it
-        finished: a rerun yields nothing, until that document is deleted.
+        per batch, and one ``GET`` more when the answer was lost and the
+        retry met the record made), and the same call run again starts
+        after the last batch fully written. The run that reaches the end
+        marks it finished: a rerun yields nothing, until that document is
+        deleted.
         A batch whose write was interrupted is yielded again: a job should
         set values rather than add to them, and then a document it changed
         already is found unchanged and not written twice.
@@ -4742,9 +4743,10 @@ class _Flush(object):
         for id, (rev, doc) in current.items():
             if doc is None:
                 continue            # deleted
-            read = self.attachment_reader(id, rev)
-            if id in unsure and not any(_same_write(sent, doc, read=read)
-                                        for sent, _ in plan.entry(id).sent):
+            if id in unsure and not any(
+                    _same_write(sent, doc,
+                                read=self.attachment_reader(id, rev))
+                    for sent, _ in plan.entry(id).sent):
                 self.record(id, _ResourceConflict(
                     ('conflict', 'the server holds a document this session '
                      'did not write')))
@@ -5027,10 +5029,10 @@ class _Flush(object):
         for n in range(1, len(info)):
             status = info[n][1]
             if status == 'available':
-                below = version(n) if n <= _HISTORY_READS else None
-                if below is None:
+                there = version(n) if n <= _HISTORY_READS else None
+                if there is None:
                     return None     # too far down, or compacted away
-                deleted = bool(below.get('_deleted'))
+                deleted = bool(there.get('_deleted'))
             elif status == 'deleted':
                 deleted = True
             else:

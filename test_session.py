@@ -9249,9 +9249,9 @@ def exact(attachments):
 
 # -- Stateful model: the machine ----------------------------------------------
 
-class SessionMachine(RuleBasedStateMachine):
-    """The user's session, the concurrent writer and the model (see the
-    comment above)."""
+class ForwardedMachine(RuleBasedStateMachine):
+    """A state machine over a fresh database of the test server, which its
+    sessions reach through `forwarder` (see `run_machine`)."""
 
     server_url = None
     forwarder = None
@@ -9261,8 +9261,37 @@ class SessionMachine(RuleBasedStateMachine):
         self.database = temporary_database(self.server_url)
         self.db = self.database.__enter__()
         self.forwarder.mode = 'pass'
-        self.S = Session(through(self.forwarder, self.db, self.server_url),
-                         max_inline_attachment=MODEL_LIMIT)
+
+    def session(self, **options):
+        """A new session on the database, through the forwarder."""
+        return Session(through(self.forwarder, self.db, self.server_url),
+                       **options)
+
+    def teardown(self):
+        self.forwarder.mode = 'pass'
+        self.database.__exit__(None, None, None)
+
+
+def run_machine(machine, server_url, profile):
+    """Run ``machine`` as a test with the settings ``profile``, through a
+    forwarder to the server at ``server_url``."""
+    parts = urlsplit(server_url)
+    if parts.scheme != 'http':
+        pytest.skip('the forwarder speaks plain HTTP only')
+    with Forwarder(parts.hostname, parts.port or 80) as forwarder:
+        machine.server_url = server_url
+        machine.forwarder = forwarder
+        run_state_machine_as_test(machine,
+                                  settings=settings.get_profile(profile))
+
+
+class SessionMachine(ForwardedMachine):
+    """The user's session, the concurrent writer and the model (see the
+    comment above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.S = self.session(max_inline_attachment=MODEL_LIMIT)
         self.server = {}
         self.held = {}
         self.refs = []
@@ -9271,10 +9300,6 @@ class SessionMachine(RuleBasedStateMachine):
         self.landed = {}
         self.sent = {}              # {id: what the broken flush sent}
         self.created = []           # generated ids
-
-    def teardown(self):
-        self.forwarder.mode = 'pass'
-        self.database.__exit__(None, None, None)
 
     # -- Helpers.
 
@@ -10428,14 +10453,7 @@ class SessionMachine(RuleBasedStateMachine):
 
 def test_the_session_keeps_to_the_users_intent(server_url):
     """The stateful model: see the comment above `SessionMachine`."""
-    parts = urlsplit(server_url)
-    if parts.scheme != 'http':
-        pytest.skip('the forwarder speaks plain HTTP only')
-    with Forwarder(parts.hostname, parts.port or 80) as forwarder:
-        SessionMachine.server_url = server_url
-        SessionMachine.forwarder = forwarder
-        run_state_machine_as_test(SessionMachine,
-                                  settings=settings.get_profile(MODEL_PROFILE))
+    run_machine(SessionMachine, server_url, MODEL_PROFILE)
 
 
 # -- Stateful model: counters, two sessions, a writer and lost answers --------
@@ -10466,20 +10484,13 @@ def add_my_counts(mine, theirs, base):
     return dict(theirs, n=theirs['n'] + mine['n'] - base['n'], seen=seen)
 
 
-class CountingMachine(RuleBasedStateMachine):
-
-    server_url = None
-    forwarder = None
+class CountingMachine(ForwardedMachine):
 
     def __init__(self):
         super().__init__()
-        self.database = temporary_database(self.server_url)
-        self.db = self.database.__enter__()
-        self.forwarder.mode = 'pass'
         for id in COUNTERS:
             self.db[id] = {'n': 0, 'seen': {}}
-        self.sessions = [Session(through(self.forwarder, self.db,
-                                         self.server_url)) for _ in (0, 1)]
+        self.sessions = [self.session() for _ in (0, 1)]
         self.refs = [{}, {}]    # {id: the session's doc['seen'], kept}
         self.made = dict((id, set()) for id in COUNTERS)
         self.tags = itertools.count()
@@ -10566,7 +10577,7 @@ class CountingMachine(RuleBasedStateMachine):
                     % (id, sorted(doc['seen']), sorted(self.made[id])))
                 assert doc['n'] == len(self.made[id]), doc
         finally:
-            self.database.__exit__(None, None, None)
+            super().teardown()
 
 
 settings.register_profile(
@@ -10580,14 +10591,7 @@ COUNTING_PROFILE = 'counting-soak' if os.environ.get('SESSION_SOAK') == '1' \
 
 def test_counts_survive_two_sessions_a_writer_and_lost_answers(server_url):
     """The counting model: see the comment above `CountingMachine`."""
-    parts = urlsplit(server_url)
-    if parts.scheme != 'http':
-        pytest.skip('the forwarder speaks plain HTTP only')
-    with Forwarder(parts.hostname, parts.port or 80) as forwarder:
-        CountingMachine.server_url = server_url
-        CountingMachine.forwarder = forwarder
-        run_state_machine_as_test(
-            CountingMachine, settings=settings.get_profile(COUNTING_PROFILE))
+    run_machine(CountingMachine, server_url, COUNTING_PROFILE)
 
 
 # -- Deep documents -----------------------------------------------------------
