@@ -63,6 +63,10 @@ import tempfile as _tempfile
 import time as _time
 import types as _types
 import uuid as _uuid
+from itertools import compress as _compress, filterfalse as _filterfalse
+from itertools import repeat as _repeat
+from operator import contains as _contains, is_not as _is_not
+from operator import methodcaller as _methodcaller
 from urllib.parse import urlsplit as _urlsplit
 
 from couchdb.client import (Database as _Database, Document as _Document,
@@ -538,18 +542,24 @@ class Session(object):
         :raise TypeError: if an id is not a string; nothing is read
         """
         ids = list(ids)
-        for id in ids:
-            _check_id(id)
+        if not all(map(isinstance, ids, _repeat(str))):
+            for id in ids:
+                _check_id(id)
         held = self._map.entries
-        wanted = [id for id in dict.fromkeys(ids) if id not in held]
+        wanted = list(_filterfalse(held.__contains__, dict.fromkeys(ids)))
         if wanted:
             track = self._map.track
             for _, doc in _read_many(self._db, wanted).values():
                 if doc is not None:
                     track(_Document(doc))
-        hand_out = self._map.hand_out
+        if self._map.asked is not None:
+            hand_out = self._map.hand_out
+            return [None if entry is None or entry.state is _DELETED else
+                    hand_out(entry) for entry in map(held.get, ids)]
+        # `hand_out` of each, with no job running: its documents as they
+        # are.
         return [None if entry is None or entry.state is _DELETED else
-                hand_out(entry) for entry in map(held.get, ids)]
+                entry.doc for entry in map(held.get, ids)]
 
     def view(self, name, wrapper=None, **options):
         """Query a view, as `couchdb.Database.view` does.
@@ -1759,7 +1769,12 @@ def _read_many(db, keys, tombstones=False):
     """
     found = {}
     keys = list(dict.fromkeys(keys))
-    local = [key for key in keys if _key_id(key).startswith('_local/')]
+    if all(map(isinstance, keys, _repeat(str))):
+        # Ids only, the usual case: looked at in C.
+        local = list(_compress(keys, map(str.startswith, keys,
+                                         _repeat('_local/'))))
+    else:
+        local = [key for key in keys if _key_id(key).startswith('_local/')]
     for key in local:
         doc = db.get(key[0], rev=key[1]) if isinstance(key, tuple) else \
             db.get(key)
@@ -1794,7 +1809,7 @@ def _distinct_batches(keys):
     """``keys`` (distinct) in batches of at most `_READ_BATCH`, none naming
     one id twice: PouchDB Server answers a ``_bulk_get`` asking for an id
     twice with one result for both."""
-    if all(type(key) is str for key in keys):
+    if all(map(isinstance, keys, _repeat(str))):
         # Distinct ids, the usual case: batches in order.
         return [keys[start:start + _READ_BATCH]
                 for start in range(0, len(keys), _READ_BATCH)]
@@ -1824,7 +1839,14 @@ def _bulk_get(db, keys, tombstones):
                for result in answer.get('results') or []}
     found, traceless = {}, []
     for key in keys:
-        items = results.get(_key_id(key), ())
+        items = results.get(key[0] if type(key) is tuple else key, ())
+        if len(items) == 1:
+            # One leaf, the usual answer: `_leaf_docs`, without its calls.
+            doc = items[0].get('ok') if type(items[0]) is dict else None
+            if type(doc) is dict:
+                found[key] = (doc['_rev'],
+                              None if doc.get('_deleted') else doc)
+                continue
         # Asked without a revision, CouchDB gives every leaf revision (all
         # the branches of a conflict): the current one is the winner a
         # GET would give. PouchDB Server gives the winner alone.
@@ -2619,15 +2641,12 @@ def _mark(marked, proxy):
     copied, for diffs to follow: each dict or list above it, with the key
     of its marked child, or the set of them once there are several (see
     `_Entry`)."""
-    while True:
-        subject = proxy.__subject__
-        parent = proxy._parent
-        if parent is None:
-            return
+    parent = proxy._parent
+    while parent is not None:
         container, key = parent.__subject__, proxy._key
-        if not (isinstance(container, dict) and
-                container.get(key, _MISSING) is subject):
-            key = _place(container, key, subject)     # lists, or moved
+        if type(container) is list or \
+                container.get(key, _MISSING) is not proxy.__subject__:
+            key = _place(container, key, proxy.__subject__)   # or moved
             if key is _MISSING:
                 return      # taken out of the document: not its change
         mark = marked.get(id(container))
@@ -2640,7 +2659,7 @@ def _mark(marked, proxy):
             return
         # Most marks have one key: no set for it.
         marked[id(container)] = (container, key)
-        proxy = parent
+        proxy, parent = parent, parent._parent
 
 
 def _in_place(proxy, root):
@@ -2703,7 +2722,16 @@ class _TrackedDict(_Tracked):
         value = self.__subject__[key]
         if type(value) in _READ_LEAVES:
             return value
-        return _wrap(value, self._entry, self, key)
+        cls = _WRAPPERS.get(type(value))
+        if cls is None:
+            return value
+        # As `_wrap` does, without a call: the most common read of a child.
+        proxy = _new(cls)
+        proxy.__subject__ = value
+        proxy._entry = self._entry
+        proxy._parent = self
+        proxy._key = key
+        return proxy
 
     def get(self, key, default=None):
         subject = self.__subject__
@@ -3222,9 +3250,12 @@ class _IdentityMap(object):
     def track(self, document):
         """The entry of ``document``, just read from the server: the one
         held already, or a new CLEAN one."""
-        entry = self.entries.get(document['_id'])
+        id = document['_id']
+        entry = self.entries.get(id)
         if entry is None:
-            entry = self.add(_Entry(document['_id'], document, _CLEAN))
+            # `add`, for a CLEAN entry (a read makes one for each document).
+            entry = self.entries[id] = _Entry(id, document, _CLEAN)
+            entry.map = self
         if self.asked is not None:
             self.asked.add(entry.id)
         return entry
@@ -3379,7 +3410,13 @@ class _IdentityMap(object):
                     self.snapshots[id(value)] = (value, before)
                     entry.adopted.append([value, proxy, before, parts])
                     self.adopters[id(value)] = (value, entry)
-        self.wait(entry)
+        # `wait`: `unsettled` but for `sent`, cleared above.
+        if entry.adopted or entry.attachments.changes or entry.losers or \
+                entry.clash:
+            self.wait(entry)
+        elif entry.map is self:
+            # The most common end of a write: nothing left.
+            self.pending.pop(entry.id, None)
 
     def adopt(self, entry, value, proxy):
         """``value``, a plain dict or list of the user's, becomes part of
@@ -3429,7 +3466,7 @@ class _IdentityMap(object):
         if entry.state is _DELETED:
             self.forget(entry)
             return
-        subject = entry.subject
+        subject = entry.doc.__subject__
         subject['_rev'] = rev
         if entry.attachments.changes:
             entry.attachments.written(subject, payload)
@@ -3508,8 +3545,16 @@ class _Entry(object):
 
     def __init__(self, id, document, state, base=None, rev=None):
         self.id = id
-        # The tracked root proxy; None for a deletion by id only.
-        self.doc = None if document is None else _root(document, self)
+        # The tracked root proxy (`_root`, made here without a call: a
+        # read makes one for each document); None for a deletion by id
+        # only.
+        if document is None:
+            self.doc = None
+        else:
+            self.doc = proxy = _new(_TrackedDocument)
+            proxy.__subject__ = document
+            proxy._entry = self
+            proxy._parent = proxy._key = None
         self.state = state
         # What the document is diffed against: `base` is a whole version,
         # for new documents (the empty one) and resolved ones (the
@@ -3648,16 +3693,31 @@ class _Entry(object):
                 from None
         return ops
 
+    def changed(self):
+        """Whether the document differs from its base, where that is cheap
+        to tell: True or False for a changed document whose changes are
+        all JSON scalars put in place of others, in dicts that kept their
+        keys (a flush has nothing of them to check); None where `diff`
+        must tell."""
+        if self.copies is None or self.adopted or self.state is not _DIRTY:
+            return None
+        try:
+            return _changed_marked(self.subject, self.copies, self.marked)
+        except RecursionError:
+            return None         # too deep for the stack: `diff` can tell
+
     def payload(self, inline_limit=None):
         """The document to send, as a new dict python-couchdb may encode
         (its children are the subject's: send it before any change), with
         the attachment changes that go inline."""
         if self.state is _DELETED:
             return {'_id': self.id, '_rev': self.rev, '_deleted': True}
-        payload = dict(self.subject)
+        payload = dict(self.doc.__subject__)
         # What a read said of the leaves is no content to write.
-        payload.pop('_conflicts', None)
-        payload.pop('_deleted_conflicts', None)
+        if '_conflicts' in payload:
+            del payload['_conflicts']
+        if '_deleted_conflicts' in payload:
+            del payload['_deleted_conflicts']
         if self.state is _NEW and self.rev is not None:
             payload['_rev'] = self.rev
         attachments = self.attachments
@@ -3959,10 +4019,13 @@ class _FlushPlan(object):
     `unchanged` the dirty entries whose changes cancelled out.
     """
 
-    def __init__(self, entries, inline_limit=None, strict=True):
+    def __init__(self, entries, inline_limit=None, strict=True, diffs=True):
         self.deleted = []       # entries to delete
         self.created = []       # new entries, written without a base
-        self.changed = []       # (entry, diff) of dirty entries that differ
+        self.changed = []       # (entry, diff) of dirty entries that differ;
+        #                         without ``diffs`` (no hook to see them),
+        #                         the diff is None where `_Entry.changed`
+        #                         could tell without one
         self.unchanged = []     # dirty entries whose changes cancelled out
         self.uploads = []       # entries with attachments too large to
         #                         go inline, uploaded after the bulk request
@@ -3974,44 +4037,62 @@ class _FlushPlan(object):
         #                         or the clash of a resolution
         self.resolved = []      # entries with losing leaves to delete once
         #                         written (see `Session.resolve_conflicts`)
-        self._by_id = {}
+        self._by_id = by_id = {}
         for entry in entries:
-            self._by_id[entry.id] = entry
-            if entry.clash is not None:
-                self.problems[entry.id] = entry.clash
+            by_id[entry.id] = entry
+            if diffs or entry.state is not _DIRTY or entry.clash is not None \
+                    or entry.losers or entry.attachments.changes:
+                self.add(entry)
                 continue
-            if entry.losers:
-                self.resolved.append(entry)
-            if entry.state is _DELETED:
-                self.deleted.append(entry)
-                continue
-            # Most documents have no attachment work: no call for them.
-            attachments = entry.attachments
-            large = attachments.large(inline_limit) if attachments.changes \
-                else ()
-            if entry.state is _NEW:
-                self.created.append(entry)
+            # The most common work, a document changed and nothing more:
+            # `_Entry.changed` tells most of them without a diff.
+            changed = entry.changed()
+            if changed is None:
+                self.add(entry)
+            elif changed or entry.sent is not None:
+                # (A document whose last write's outcome is unknown goes
+                # again: see `add`.)
+                self.changed.append((entry, None if changed else []))
             else:
-                try:
-                    diff = entry.diff()
-                except (TypeError, ValueError) as exc:
-                    # A key that is no string, a value holding itself.
-                    if strict:
-                        raise
-                    self.problems[entry.id] = _not_sent(exc)
-                    continue
-                # A document whose last write's outcome is unknown goes
-                # again even if its changes cancelled out since: the server
-                # may hold what was sent. (An upload that goes anyway meets
-                # the same conflict.)
-                if diff or (entry.sent is not None and not large) or (
-                        attachments.changes and
-                        attachments.inline(inline_limit)):
-                    self.changed.append((entry, diff))
-                elif not large:
-                    self.unchanged.append(entry)
-            if large:
-                self.uploads.append(entry)
+                self.unchanged.append(entry)
+
+    def add(self, entry):
+        """Plan the work of ``entry``."""
+        if entry.clash is not None:
+            self.problems[entry.id] = entry.clash
+            return
+        if entry.losers:
+            self.resolved.append(entry)
+        if entry.state is _DELETED:
+            self.deleted.append(entry)
+            return
+        inline_limit = self.inline_limit
+        # Most documents have no attachment work: no call for them.
+        attachments = entry.attachments
+        large = attachments.large(inline_limit) if attachments.changes \
+            else ()
+        if entry.state is _NEW:
+            self.created.append(entry)
+        else:
+            try:
+                diff = entry.diff()
+            except (TypeError, ValueError) as exc:
+                # A key that is no string, a value holding itself.
+                if self.strict:
+                    raise
+                self.problems[entry.id] = _not_sent(exc)
+                return
+            # A document whose last write's outcome is unknown goes again
+            # even if its changes cancelled out since: the server may hold
+            # what was sent. (An upload that goes anyway meets the same
+            # conflict.)
+            if diff or (entry.sent is not None and not large) or (
+                    attachments.changes and attachments.inline(inline_limit)):
+                self.changed.append((entry, diff))
+            elif not large:
+                self.unchanged.append(entry)
+        if large:
+            self.uploads.append(entry)
 
     def __bool__(self):
         # A problem (a clash, a value refused) is work too: it must reach
@@ -4070,9 +4151,10 @@ class _FlushPlan(object):
         """
         checks = [(entry, entry.subject, '') for entry in self.created]
         # A changed document was valid as fetched: only what its diff puts
-        # in needs checking (`_diff_dict` checks the keys it adds).
+        # in needs checking (`_diff_dict` checks the keys it adds). One
+        # without a diff has nothing to check (see `_Entry.changed`).
         checks += [(entry, op['value'], op['path'])
-                   for entry, diff in self.changed for op in diff
+                   for entry, diff in self.changed if diff for op in diff
                    if 'value' in op and type(op['value']) not in _JSON_LEAVES]
         for entry, value, path in checks:
             try:
@@ -4081,9 +4163,11 @@ class _FlushPlan(object):
                 if self.strict:
                     raise
                 self.problems.setdefault(entry.id, _not_sent(exc))
-        return [entry.payload(self.inline_limit) for entry in
-                self.created + [e for e, _ in self.changed] + self.deleted
-                if entry.id not in self.problems]
+        entries = self.created + [e for e, _ in self.changed] + self.deleted
+        if self.problems:
+            entries = [e for e in entries if e.id not in self.problems]
+        limit = self.inline_limit
+        return [entry.payload(limit) for entry in entries]
 
 
 def _check_count(name, value, none=True):
@@ -4274,12 +4358,13 @@ class _Flush(object):
         self.inline_limit = session.max_inline_attachment
         self.results = _FlushResults()  # (success, id, rev_or_exc) of every
         #                                 round, and the ids only accepted
-        self.encoded = {}       # id: (payload, its JSON or None, its size),
-        #                         of what was checked; the JSON is kept
-        #                         while `kept` stays under `keep_limit`
-        #                         bytes, and dropped once sent, so a flush
-        #                         of many documents holds a few requests'
-        #                         worth of JSON, not all of it
+        self.encoded = {}       # id: (payload, the size of its JSON), of
+        #                         what was checked
+        self.json = {}          # id: the JSON of that payload, kept while
+        #                         `kept` stays under `keep_limit` bytes and
+        #                         dropped once sent, so that a flush of many
+        #                         documents holds a few requests' worth of
+        #                         JSON, not all of it
         self.kept = 0
         limit = session.max_request_bytes
         self.keep_limit = None if limit is None else max(4 * limit, 1 << 22)
@@ -4331,8 +4416,14 @@ class _Flush(object):
                 if session._hooked('post'):
                     self.report(self.plan.only(
                         lambda key: key[0] in self.wrote))
-            results, failures = self.results, self.failures
-            for id, outcome in self.outcomes.items():
+            results, failures, outcomes = \
+                self.results, self.failures, self.outcomes
+            if failures.keys().isdisjoint(outcomes) and not any(
+                    map(isinstance, outcomes.values(), _repeat(Exception))):
+                # Every document written, the most common round.
+                results.extend(zip(_repeat(True), outcomes, outcomes.values()))
+                continue
+            for id, outcome in outcomes.items():
                 if isinstance(outcome, Exception):
                     if id in self.wrote:
                         results.append((True, id, self.wrote[id]))
@@ -4379,10 +4470,13 @@ class _Flush(object):
         """The plan of the next bulk request: every pending entry but those
         refused in this flush. Entries whose changes cancelled out are clean
         again."""
-        plan = _FlushPlan([entry for id, entry in
-                           self.map.pending.items()
-                           if id not in self.failures], self.inline_limit,
-                          strict=not self.sent_any)
+        session, pending = self.session, self.map.pending
+        plan = _FlushPlan([entry for id, entry in pending.items()
+                           if id not in self.failures] if self.failures else
+                          list(pending.values()), self.inline_limit,
+                          strict=not self.sent_any,
+                          diffs=session._hooked('pre') or
+                          session._hooked('post'))
         for entry in plan.unchanged:
             self.map.clean(entry)
         return plan
@@ -4433,6 +4527,9 @@ class _Flush(object):
         self.upload(plan)
         settled = set()                 # ids resolve() gave its last word
         for round in range(self.session.max_conflict_rounds):
+            if not any(map(isinstance, self.outcomes.values(),
+                           _repeat(_ResourceConflict))):
+                break           # (the most common end)
             conflicted = [id for id, outcome in self.outcomes.items()
                           if isinstance(outcome, _ResourceConflict) and
                           id not in settled]
@@ -4533,13 +4630,14 @@ class _Flush(object):
                            (otherwise that is the document's outcome)
         """
         kept, encoded, limit = [], self.encoded, self.inline_limit
+        entry_of, encode = plan._by_id.__getitem__, self.encode
         for payload in payloads:
             id = payload['_id']
             if encoded.get(id, (None,))[0] is payload:
                 kept.append(payload)
                 continue
-            refusal = _refusal(plan.entry(id), payload, limit) or \
-                self.encode(payload, strict)
+            refusal = _refusal(entry_of(id), payload, limit) or \
+                encode(payload, strict)
             if refusal is None:
                 kept.append(payload)
             else:
@@ -4559,50 +4657,44 @@ class _Flush(object):
             payload = dict(payload)
             del payload['_rev']
         try:
-            data = _encode(payload).encode('utf-8')
+            data = ''.join(_encoder(payload, 0)).encode('utf-8')
         except UnicodeEncodeError:
             problem = ValueError(_NOT_JSON % (id, _unencodable(payload)))
             if strict:
                 raise problem from None
             return _not_sent(problem)
-        refusal = _too_large(id, payload, data,
-                             self.session.max_document_size)
+        limit = self.session.max_document_size
+        refusal = None if limit is None or len(data) <= limit else \
+            _too_large(id, payload, data, limit)
         if refusal is None:
-            if id in self.encoded:
-                self.release(id)
-            keep = self.keep_limit is None or \
-                self.kept + len(data) <= self.keep_limit
-            self.encoded[id] = (payload, data if keep else None, len(data))
-            if keep:
-                self.kept += len(data)
+            size = len(data)
+            self.encoded[id] = (payload, size)
+            if id in self.json:
+                self.kept -= len(self.json.pop(id))
+            if self.keep_limit is None or self.kept + size <= self.keep_limit:
+                self.json[id] = data
+                self.kept += size
         return refusal
 
-    def release(self, id):
-        """Drop the JSON kept of ``id``'s payload (its size stays known)."""
-        payload, data, size = self.encoded.get(id, (None, None, 0))
-        if data is not None:
-            self.kept -= size
-            self.encoded[id] = (payload, None, size)
-
-    def json_of(self, payload, release=False):
-        """The JSON of ``payload``, checked by `check`: kept, or made again
-        (the same bytes: JSON encoding is deterministic); with ``release``,
-        no longer kept."""
+    def json_of(self, payload):
+        """The JSON of ``payload``, checked by `check`, no longer kept:
+        as kept, or made again (the same bytes: JSON encoding is
+        deterministic)."""
         id = payload['_id']
-        payload, data, _ = self.encoded[id]
+        data = self.json.pop(id, None)
         if data is None:
-            return _encode(payload).encode('utf-8')
-        if release:
-            self.release(id)
+            return _encode(self.encoded[id][0]).encode('utf-8')
+        self.kept -= len(data)
         return data
 
     def batches(self, payloads):
         """``payloads`` in the batches of one request each, by
         `Session.batch_size` and `Session.max_request_bytes`."""
         count, limit = self.session.batch_size, self.session.max_request_bytes
+        encoded = self.encoded
         batches, batch, size = [], [], len(b'{"docs":[]}')
         for payload in payloads:
-            more = self.encoded[payload['_id']][2] + 1
+            more = encoded[payload['_id']][1] + 1
             if batch and (len(batch) >= count or (
                     limit is not None and size + more > limit)):
                 batches.append(batch)
@@ -4632,12 +4724,12 @@ class _Flush(object):
                     raise
                 batches.extend(self.split(batch, refused))
                 continue
-            answers = {row.get('id'): row for row in rows}
+            answers = dict(zip(map(_get_id, rows), rows))
             # A cluster short of the write quorum answers 202, and says so
             # in each row it only accepted.
-            flagged = any('accepted' in row for row in rows)
+            flagged = any(map(_contains, rows, _repeat('accepted')))
             results, outcomes, wrote = self.results, self.outcomes, self.wrote
-            written, entry_of = self.map.written, plan.entry
+            written, entry_of = self.map.written, plan._by_id.__getitem__
             for payload in batch:
                 id = payload['_id']
                 row = answers.get(id)
@@ -4696,8 +4788,9 @@ class _Flush(object):
         unknown (their `sent`), and is sent once more, as python-couchdb
         would retry it; the server then answers a conflict for what it had
         applied, which `settle` recognises."""
+        json_of = self.json_of
         body = b'{"docs":[%s]}' % b','.join(
-            [self.json_of(payload, release=True) for payload in batch])
+            [json_of(payload) for payload in batch])
         options = {} if self.w is None else {'w': self.w}
         self.sent_any = True
         budget = self.session._budget
@@ -4725,6 +4818,10 @@ class _Flush(object):
         is another writer's, a conflict for `settle`. Telling needs the
         documents: then they are read as `_read_many` reads. Returns
         whether any payload needed its revision."""
+        # Only deletions and re-creations have a revision to look up.
+        if not any(entry.rev is _LOOKUP for entry in
+                   plan.deleted + plan.created):
+            return False
         ids = [p['_id'] for p in payloads if p.get('_rev') is _LOOKUP]
         if not ids:
             return False
@@ -5150,6 +5247,9 @@ def _row_error(error, reason):
     return _ROW_ERRORS.get(error, _ServerError)((error, reason))
 
 
+# The id of an answer row (of ``_bulk_docs``), or None.
+_get_id = _methodcaller('get', 'id')
+
 # The headers of a request whose body is JSON already encoded.
 _JSON_BODY = {'Content-Type': 'application/json'}
 
@@ -5165,18 +5265,24 @@ _JSON_BODY = {'Content-Type': 'application/json'}
 # that record would need clearing after an error. Without the C
 # accelerator (as on PyPy), the pure Python encoder does the same.
 def _make_encoder():
+    """The encoder of the JSON the session sends, ``encoder(value, 0)``
+    giving its chunks: the C one of `json` where there is one (a flush calls
+    it once per document)."""
     python = _json.JSONEncoder(allow_nan=False, ensure_ascii=False,
                                separators=(',', ':'))
     make = getattr(_json.encoder, 'c_make_encoder', None)
     if make is None:
-        return python.encode
-    encoder = make(None, python.default, _json.encoder.encode_basestring,
-                   None, ':', ',', False, False, False)
-    join = ''.join
-    return lambda value: join(encoder(value, 0))
+        return lambda value, _: [python.encode(value)]
+    return make(None, python.default, _json.encoder.encode_basestring,
+                None, ':', ',', False, False, False)
 
 
-_encode = _make_encoder()
+_encoder = _make_encoder()
+
+
+def _encode(value):
+    """The JSON of ``value``, as the session sends it."""
+    return ''.join(_encoder(value, 0))
 
 # The errors of PouchDB's 500 for a document it cannot read (CouchDB's 400).
 _DOCUMENT_ERRORS = frozenset(['doc_validation', 'illegal_docid',
@@ -5215,22 +5321,28 @@ _STATUS_ERRORS = {400: 'bad_request', 412: 'precondition_failed',
 def _refusal(entry, payload, inline_limit):
     """The refusal, as python-couchdb's exception, of a document the
     server would refuse (`Session.flush` lists the rules), or ``None``."""
-    # The top-level members of a document changed only below them are the
-    # server's own: it took them.
-    copies = entry.copies
-    top_changed = copies is None or entry.state is not _DIRTY or \
-        entry.doc is None or id(entry.doc.__subject__) in copies
     doc_id = entry.id
-    problem = _id_problem(doc_id) if doc_id[:1] in ('', '_') else None
-    if problem is not None:
-        return _ServerError(('illegal_docid', 'document %r: %s'
-                             % (doc_id, problem)))
-    for key in payload if top_changed else ():
+    if doc_id[:1] in ('', '_'):
+        problem = _id_problem(doc_id)
+        if problem is not None:
+            return _ServerError(('illegal_docid', 'document %r: %s'
+                                 % (doc_id, problem)))
+    # The top-level members the server's version had are its own: it took
+    # them. A document changed since it was clean has that version's
+    # members in the copy of its top (if that changed at all).
+    keys, copies = payload, entry.copies
+    if copies is not None and entry.state is _DIRTY and \
+            entry.doc is not None:
+        before = copies.get(id(entry.doc.__subject__))
+        keys = () if before is None else payload.keys() - before[1].keys()
+    for key in keys:
         if key[:1] == '_' and key not in _SPECIAL_MEMBERS:
             return _ServerError((
                 'doc_validation', 'document %r: the top-level member %r '
                 'starts with "_", which CouchDB keeps for its own members '
                 '(Bad special document member)' % (doc_id, key)))
+    if not entry.attachments.changes and '_attachments' not in payload:
+        return None
     names = payload.get('_attachments') or ()
     if entry.attachments.changes:
         names = list(names) + [name for name, _ in
@@ -6113,6 +6225,55 @@ def _diff_marked(ops, path, current, copies, marked):
             _diff_value(ops, (path, key), _materialize(old, copies), new)
     if not kept or len(current) != len(before):
         _diff_added(ops, path, before, current)   # else no key was added
+
+
+def _changed_marked(current, copies, marked):
+    """`_Entry.changed`: whether ``current``, a dict or list of the
+    document, differs from what it was, following the marked ones as
+    `_diff_marked` does, but building no operations; None at the first
+    change that is not a JSON scalar for a scalar in a dict with the same
+    keys, in the same order, as before."""
+    place = id(current)
+    recorded = copies.get(place)
+    changed = False
+    if recorded is not None:
+        before = recorded[1]
+        if not isinstance(current, dict) or list(before) != list(current):
+            return None
+        # The keys whose values are other objects now, found in C: most of
+        # a changed dict is as it was.
+        for key in _compress(before, map(_is_not, before.values(),
+                                         current.values())):
+            old, new = before[key], current[key]
+            kind = type(new)
+            if kind in _JSON_LEAVES and type(old) in _JSON_LEAVES:
+                if kind is not type(old) or old != new:
+                    changed = True
+            elif kind is float and type(old) in _READ_LEAVES and \
+                    new - new == 0:
+                if type(old) is not float or old != new:
+                    changed = True
+            else:
+                return None     # for a diff, or a check (NaN, infinite)
+    # Its children changed below are marked (`_mark`). In a dict compared
+    # above, a child that is another object now was compared, and a marked
+    # key may be gone since (the dict was changed after the mark).
+    mark = marked.get(place)
+    if mark is None:
+        return changed
+    keys = mark[1]
+    for key in keys if type(keys) is set else (keys,):
+        if recorded is None:
+            child = current[key]
+        else:
+            child = before.get(key, _MISSING)
+            if child is _MISSING or current[key] is not child:
+                continue
+        below = _changed_marked(child, copies, marked)
+        if below is None:
+            return None
+        changed = changed or below
+    return changed
 
 
 def _marked_keys(current, marked):

@@ -4184,6 +4184,52 @@ def test_changes_that_cancel_out_are_neither_diffed_nor_sent(
     assert session.Session(db)[id]['_rev'] == fetched['_rev']
 
 
+def put_scalars_back(data, doc, plain, fetched):
+    """Put some scalars of ``doc`` (mirrored by ``plain``) back as they are
+    in ``fetched``, in place, at any depth where both hold a dict, as
+    copies or as the fetched objects themselves."""
+    for k in list(plain):
+        if k not in fetched or k.startswith('_'):
+            continue
+        was, now = fetched[k], plain[k]
+        if isinstance(was, dict) and isinstance(now, dict):
+            put_scalars_back(data, doc[k], now, was)
+        elif not isinstance(was, (dict, list)) and \
+                not isinstance(now, (dict, list)) and \
+                data.draw(st.booleans()):
+            value = was if data.draw(st.booleans()) else copy.copy(was)
+            doc[k] = value
+            plain[k] = value
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(content=documents, data=st.data())
+def test_a_flush_writes_a_document_exactly_when_it_differs_from_its_fetch(
+        db, content, data):
+    """After random changes at any depth, some scalars then put back as
+    fetched, a flush writes the document if and only if it differs from
+    the version fetched, and the server then holds what the user sees."""
+    id, plain = save(db, content)
+    fetched = copy.deepcopy(plain)
+    S = session.Session(db)
+    doc = S[id]
+    Mirror(data, doc, plain).run()
+    put_scalars_back(data, doc, plain, fetched)
+    assert same(doc, plain)
+    differs = not same(plain, fetched)
+    event('differs' if differs else 'as fetched')
+    results = S.flush()
+    stored = dict(db[id])
+    if differs:
+        assert [(ok, written) for ok, written, _ in results] == [(True, id)]
+        assert stored['_rev'] != fetched['_rev']
+    else:
+        assert results == []
+        assert stored['_rev'] == fetched['_rev']
+    del stored['_rev'], plain['_rev']
+    assert same(stored, plain, exact_numbers=False)
+
+
 # -- Property tests: JSON types -----------------------------------------------
 
 PLACES = {

@@ -117,6 +117,8 @@ def main(argv=None):
                         'a local PouchDB Server)')
     parser.add_argument('--runs', type=int, default=2)
     parser.add_argument('--size', type=int, default=2000, metavar='N')
+    parser.add_argument('--only', metavar='1,4,7',
+                        help='count only these workloads')
     parser.add_argument('--smoke', action='store_true',
                         help='tiny size, one run, no valgrind: checks the '
                         'script works')
@@ -142,6 +144,9 @@ def run(args, url):
     with temporary_database(url) as db:
         fill(db, args.size)
         for title, mine, name, base in WORKLOADS:
+            if args.only and title.split('.')[0] not in \
+                    args.only.split(','):
+                continue
             counts = [per_run(args, db, way.__name__) for way in (mine,
                                                                   base)]
             print('\n' + title % args.size)
