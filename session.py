@@ -66,6 +66,7 @@ import uuid as _uuid
 from itertools import compress as _compress, filterfalse as _filterfalse
 from itertools import repeat as _repeat
 from operator import contains as _contains, is_not as _is_not
+from operator import attrgetter as _attrgetter
 from operator import methodcaller as _methodcaller
 from urllib.parse import urlsplit as _urlsplit
 
@@ -552,14 +553,11 @@ class Session(object):
             for _, doc in _read_many(self._db, wanted).values():
                 if doc is not None:
                     track(_Document(doc))
-        if self._map.asked is not None:
-            hand_out = self._map.hand_out
-            return [None if entry is None or entry.state is _DELETED else
-                    hand_out(entry) for entry in map(held.get, ids)]
-        # `hand_out` of each, with no job running: its documents as they
-        # are.
+        # With no job running, `hand_out` is the document as it is.
+        hand_out = _get_doc if self._map.asked is None else \
+            self._map.hand_out
         return [None if entry is None or entry.state is _DELETED else
-                entry.doc for entry in map(held.get, ids)]
+                hand_out(entry) for entry in map(held.get, ids)]
 
     def view(self, name, wrapper=None, **options):
         """Query a view, as `couchdb.Database.view` does.
@@ -3530,6 +3528,10 @@ class _IdentityMap(object):
         self.owned.clear()
         self.snapshots.clear()
         self.adopters.clear()
+
+
+# `_IdentityMap.hand_out` when no job runs: the entry's document as it is.
+_get_doc = _attrgetter('doc')
 
 
 # -- Document entries ---------------------------------------------------------
