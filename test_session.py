@@ -3406,14 +3406,15 @@ def test_benchmark_of_big_jobs_smoke_run(server_url, capsys):
 
 def test_benchmark_of_client_cpu_smoke_run(server_url, capsys):
     """benchmarks/bench_cpu.py runs its ways at a tiny size, each in a
-    process of its own (without valgrind: nothing is counted)."""
+    process of its own (without valgrind: nothing is counted), and
+    workload 7 by phase."""
     bench = load_benchmark('bench_cpu.py')
-    bench.main(['--smoke', '--url', server_url])
+    bench.main(['--smoke', '--phases', '--url', server_url])
     out = capsys.readouterr().out
     for title in ('1. edit 20 documents', '4. read every field of 20',
-                  '7. edit 20 documents read by id'):
+                  '7. edit 20 documents read by id', '7. by phase'):
         assert title in out
-    assert out.count('run, not counted (--smoke)') == 3
+    assert out.count('run, not counted (--smoke)') == 4
 
 
 def test_benchmark_session_requests_are_as_few_as_the_floors(server):

@@ -15,7 +15,9 @@ repetitions is one run's instructions, start-up and imports left out.
 Instructions are not seconds (a cache miss costs more than an add), so this
 says which way does more work, and by how much, not the time: the targets
 of client CPU (session / floor) and of reads through the proxies (session /
-plain dicts) are checked on it too.
+plain dicts) are checked on it too. ``--phases`` also counts workload 7 in
+three parts (the read, the edits, the write), to show where the session
+spends more than the floor.
 """
 
 import argparse
@@ -76,18 +78,21 @@ def child(args):
     db = couchdb.Database(args.child_db)
     ids = sorted(id for id in db if not id.startswith('_design/'))
     way = WAYS[args.child]
+    upto = {} if args.upto is None else {'upto': args.upto}
     for mark in range(args.runs + 1):
-        way(db, ids, args.mark + mark)
+        way(db, ids, args.mark + mark, **upto)
 
 
 # -- Counting -----------------------------------------------------------------
 
-def instructions(args, db, way, runs):
+def instructions(args, db, way, runs, upto=None):
     """The instructions a process running ``way`` ``runs`` times after its
-    warm-up runs in all (None with ``--smoke``: run, not counted)."""
+    warm-up runs in all (None with ``--smoke``: run, not counted); with
+    ``upto``, each run stops there (see `edit_by_id_by_session`)."""
     command = [sys.executable, os.path.abspath(__file__), '--child', way,
                '--child-db', db.resource.url, '--runs', str(runs),
-               '--mark', str(args.marks)]
+               '--mark', str(args.marks)] + \
+        ([] if upto is None else ['--upto', upto])
     args.marks += runs + 1
     if args.smoke:
         subprocess.run(command, check=True)
@@ -102,10 +107,10 @@ def instructions(args, db, way, runs):
     return int(found.group(1))
 
 
-def per_run(args, db, way):
+def per_run(args, db, way, upto=None):
     """The instructions of one run of ``way``."""
-    whole = instructions(args, db, way, args.runs)
-    alone = instructions(args, db, way, 0)
+    whole = instructions(args, db, way, args.runs, upto)
+    alone = instructions(args, db, way, 0, upto)
     if whole is None:
         return None
     return (whole - alone) / float(args.runs)
@@ -119,12 +124,16 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=2000, metavar='N')
     parser.add_argument('--only', metavar='1,4,7',
                         help='count only these workloads')
+    parser.add_argument('--phases', action='store_true',
+                        help='also count workload 7 by phase: the read, '
+                        'the edits, the write')
     parser.add_argument('--smoke', action='store_true',
                         help='tiny size, one run, no valgrind: checks the '
                         'script works')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     parser.add_argument('--child-db', help=argparse.SUPPRESS)
     parser.add_argument('--mark', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--upto', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.marks = 0
     if args.child:
@@ -157,6 +166,31 @@ def run(args, url):
             print('  %-7s %8.1f M instructions' % (name, counts[1] / 1e6))
             print('  client CPU session / %s: %.2f (instructions)'
                   % (name, counts[0] / counts[1]))
+        if args.phases:
+            phases(args, db)
+
+
+def phases(args, db):
+    """Workload 7 by phase: where the session's instructions beyond the
+    floor's go. Each phase is counted as the runs that stop after it less
+    those that stop before it."""
+    print('\n7. by phase: session and floor, and what the session spends '
+          'more per document')
+    ends = {}
+    for way in (edit_by_id_by_session, edit_by_id_by_floor):
+        ends[way] = [per_run(args, db, way.__name__, upto)
+                     for upto in ('read', 'edit', 'write')]
+    if None in ends[edit_by_id_by_session]:
+        print('  run, not counted (--smoke)')
+        return
+    last = {way: 0 for way in ends}
+    for n, phase in enumerate(('read', 'edit', 'write')):
+        mine, floor = [ends[way][n] - last[way] for way in
+                       (edit_by_id_by_session, edit_by_id_by_floor)]
+        last = {way: ends[way][n] for way in ends}
+        print('  %-5s  session %7.1f M  floor %7.1f M  %+6.1f k per document'
+              % (phase, mine / 1e6, floor / 1e6,
+                 (mine - floor) / args.size / 1e3))
 
 
 if __name__ == '__main__':

@@ -193,19 +193,28 @@ def edit_by_floor(db, ids, mark):
     db.update(docs)
 
 
-def edit_by_id_by_session(db, ids, mark):
+# ``upto`` stops after the read or the edits, for bench_cpu.py --phases.
+
+def edit_by_id_by_session(db, ids, mark, upto='write'):
     S = session.Session(db)
-    for doc in S.get_many(ids):
-        doc['address']['city'] = 'city %d' % mark
-    S.flush()
-
-
-def edit_by_id_by_floor(db, ids, mark):
-    docs = [row.doc for row in db.view('_all_docs', keys=ids,
-                                       include_docs=True)]
+    docs = S.get_many(ids)
+    if upto == 'read':
+        return
     for doc in docs:
         doc['address']['city'] = 'city %d' % mark
-    db.update(docs)
+    if upto == 'write':
+        S.flush()
+
+
+def edit_by_id_by_floor(db, ids, mark, upto='write'):
+    docs = [row.doc for row in db.view('_all_docs', keys=ids,
+                                       include_docs=True)]
+    if upto == 'read':
+        return
+    for doc in docs:
+        doc['address']['city'] = 'city %d' % mark
+    if upto == 'write':
+        db.update(docs)
 
 
 def marked(edit, db, ids, counter):
