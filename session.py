@@ -608,8 +608,11 @@ class Session(object):
             if not chunk:
                 return
             first = False
-            for row, doc in zip(chunk, self._docs_of_rows(chunk, name)):
-                row = self._row(row, name, wrapper, doc)
+            # Each row's document is the session's when it comes out.
+            keys, fetched = self._docs_of_rows(chunk, name)
+            for row, key in zip(chunk, keys):
+                row = self._row(row, name, wrapper,
+                                self._doc_of_row(key, fetched))
                 if row is not None:
                     yield row
         for row in rows:
@@ -683,17 +686,20 @@ class Session(object):
         python-couchdb returns them (one request; so with ``conflicts``).
         """
         held = self._map.entries
-        if not held or 'fields' in mango_query or \
-                mango_query.get('conflicts'):
-            found = list(self._db.find(mango_query))
-            partial = 'fields' in mango_query
-        else:
+        if held and 'fields' not in mango_query and \
+                not mango_query.get('conflicts'):
             query = dict(mango_query, fields=['_id'])
             rows = [{'id': doc['_id']} for doc in self._db.find(query)]
-            # None for a document deleted since it was found.
-            found = [doc for doc in self._docs_of_rows(rows, None)
-                     if doc is not None]
-            partial = False
+            # Each document is the session's when it comes out; None for
+            # one deleted since it was found, or in the session.
+            keys, fetched = self._docs_of_rows(rows, None)
+            for key in keys:
+                doc = self._doc_of_row(key, fetched)
+                if doc is not None:
+                    yield wrapper(doc) if wrapper is not None else doc
+            return
+        found = list(self._db.find(mango_query))
+        partial = 'fields' in mango_query
         for doc in found:
             entry = held.get(doc.get('_id'))
             if entry is not None and entry.state is _DELETED:
@@ -1398,7 +1404,7 @@ class Session(object):
 
     def _row(self, row, name, wrapper, doc=_MISSING):
         """A row of view ``name`` whose ``doc`` is the session's document
-        (``doc``, if given: see `_docs_of_rows`), or ``None`` for the row of
+        (``doc``, if given: see `_doc_of_row`), or ``None`` for the row of
         a document deleted in the session."""
         entry = self._map.entries.get(row.get('id'))
         if entry is not None and entry.state is _DELETED:
@@ -1414,24 +1420,38 @@ class Session(object):
         return wrapper(row) if wrapper is not None else row
 
     def _docs_of_rows(self, rows, name):
-        """The session's documents of the view rows ``rows`` (of view
-        ``name``), asked for without them: what the server would have
-        included, the documents the session lacks read in one request."""
+        """What the view rows ``rows`` (of view ``name``), asked for without
+        their documents, would have included: the key of each one's
+        document (see `_doc_key`), and the documents the session lacks,
+        read in one request, as `_read_many` gives them (a key asked for
+        that the server has nothing for gives ``(None, None)``). Each is
+        the session's once `_doc_of_row` hands it out."""
         keys = [_doc_key(row, name) for row in rows]
         held = self._map.entries
-        fetched = _read_many(self._db, [key for key in keys if key is not
-                                        None and _key_id(key) not in held])
-        docs = []
-        for key in keys:
-            entry = None if key is None else held.get(_key_id(key))
-            if entry is not None:
-                docs.append(None if entry.state is _DELETED else
-                            self._map.hand_out(entry))
-                continue
-            _, doc = fetched.get(key, (None, None))
-            docs.append(None if doc is None else
-                        self._included(_Document(doc), key))
-        return docs
+        wanted = [key for key in keys
+                  if key is not None and _key_id(key) not in held]
+        fetched = _read_many(self._db, wanted)
+        for key in wanted:
+            fetched.setdefault(key, (None, None))
+        return keys, fetched
+
+    def _doc_of_row(self, key, fetched):
+        """The session's document for a row's ``key``, from `_docs_of_rows`
+        (``fetched``), when the row is handed out: the one it holds then
+        (None if deleted in the session), else the one read. The loop of
+        an `iterview` or `find` may have let go of a document the session
+        held when the rows were read (`reset`, `expunge`): it is read
+        now."""
+        if key is None:
+            return None
+        entry = self._map.entries.get(_key_id(key))
+        if entry is not None:
+            return None if entry.state is _DELETED else \
+                self._map.hand_out(entry)
+        if key not in fetched:
+            fetched.update(_read_many(self._db, [key]))
+        _, doc = fetched.get(key, (None, None))
+        return None if doc is None else self._included(_Document(doc), key)
 
     def _included(self, document, key):
         """The session's document for ``document``, included in a view row
@@ -1553,8 +1573,10 @@ class _ViewResults(object):
                     self._name, wrapper=_SessionRow,
                     **dict(self._options, include_docs=True))
                 rows, self._docs = self._results.rows, False
-            docs = session._docs_of_rows(rows, self._name) if self._docs \
-                else _itertools.repeat(_MISSING)
+            docs = _itertools.repeat(_MISSING)
+            if self._docs:
+                keys, fetched = session._docs_of_rows(rows, self._name)
+                docs = [session._doc_of_row(key, fetched) for key in keys]
             rows = (session._row(row, self._name, self._wrapper, doc)
                     for row, doc in zip(rows, docs))
             self._rows = [row for row in rows if row is not None]

@@ -1052,6 +1052,70 @@ def test_a_session_holding_nothing_lets_the_server_include_documents(
     assert all(d is S[d['_id']] for d in found)
 
 
+def iterate(S, how):
+    """The session's documents of 'p0'..'p3' through ``how``: find or
+    iterview (in batches of 2) with include_docs."""
+    if how == 'find':
+        try:
+            for doc in S.find({'selector': {'type': 'p'}, 'sort': ['_id']}):
+                yield doc
+        except (couchdb.ResourceNotFound, couchdb.ServerError) as exc:
+            pytest.skip('no _find on this server: %s' % (exc,))
+        return
+    for row in S.iterview('_all_docs', 2, include_docs=True):
+        yield row.doc
+
+
+@pytest.mark.parametrize('holding', [False, True])
+@pytest.mark.parametrize('how', ['find', 'iterview'])
+def test_a_loop_that_resets_the_session_writes_each_change(db, how,
+                                                          holding):
+    """A loop over find or iterview that changes each document, flushes
+    and resets the session writes every change, whether or not the session
+    held a document when the loop began (it then reads the documents apart
+    from the rows, but each is the session's when it comes out)."""
+    for n in range(4):
+        put(db, 'p%d' % n, type='p', sub={'n': n})
+    S = Session(db)
+    if holding:
+        S['p3']
+    seen = []
+    for doc in iterate(S, how):
+        seen.append(doc['_id'])
+        assert doc is S[doc['_id']]
+        doc['sub']['n'] += 10
+        assert [row[1] for row in S.flush()] == [doc['_id']]
+        S.reset()
+    assert seen == ['p0', 'p1', 'p2', 'p3']
+    assert [stored(db, 'p%d' % n)['sub'] for n in range(4)] == \
+        [{'n': n + 10} for n in range(4)]
+
+
+@pytest.mark.parametrize('how', ['find', 'iterview'])
+def test_a_document_let_go_of_during_a_loop_is_read_again(db, wire, how):
+    """A document the session held when find or iterview read the rows,
+    expunged in the loop before it comes out, is read again (one _bulk_get)
+    and comes out as the session's new tracked document, whose change is
+    written."""
+    for n in range(4):
+        put(db, 'p%d' % n, type='p', sub={'n': n})
+    S = Session(db)
+    old = S['p1']
+    wire.clear()
+    docs = iterate(S, how)
+    assert next(docs)['_id'] == 'p0'
+    S.expunge('p1')
+    calls = len(wire.calls())
+    doc = next(docs)
+    assert wire.calls()[calls:] == [('POST', '_bulk_get')]
+    assert doc['_id'] == 'p1' and doc is not old and doc is S['p1']
+    doc['sub']['n'] = 'new'
+    rest = list(docs)
+    assert [d['_id'] for d in rest] == ['p2', 'p3']
+    S.flush()
+    assert stored(db, 'p1')['sub'] == {'n': 'new'}
+
+
 def test_find_reads_only_the_documents_the_session_lacks(db, wire):
     """find(): the server sends the ids, the session reads the documents
     it does not hold in one _bulk_get; one request when it holds them."""
@@ -9544,6 +9608,10 @@ class SessionMachine(ForwardedMachine):
             else:
                 assert doc is None, '%r found: %r' % (id, doc)
 
+    # Not while a write's outcome is unknown: a view may then list an id
+    # the session let go of, whose version on the server the model cannot
+    # tell (the next flush settles it).
+    @precondition(lambda self: not self.unsure)
     @rule(data=st.data())
     def read_a_view(self, data):
         """``S.view('_all_docs', include_docs=True)`` for some keys or for
@@ -9569,11 +9637,6 @@ class SessionMachine(ForwardedMachine):
                         self.S.iterview('_all_docs', data.draw(
                             st.sampled_from([1, 2, 100]), label='batch'),
                             include_docs=True))
-        if self.unsure:
-            # Whether the broken flush's writes landed is for the next
-            # flush to find: no row of theirs is known.
-            rows = [row for row in rows if row.get('key') not in self.unsure]
-            keys = [id for id in keys if id not in self.unsure]
         # A key the server never had gives an error row, naming no
         # document: it stays, even for an id deleted in the session.
         expected = [id for id in keys if self.held.get(id) is None or
