@@ -593,7 +593,10 @@ class Session(object):
         in a session holding documents when the iteration starts, one
         ``POST _bulk_get`` more for the documents of the batch it does not
         hold yet (a view without any row is asked again with
-        ``include_docs``: a reduce is the server's to refuse)."""
+        ``include_docs``: a reduce is the server's to refuse). Each
+        document is the session's as the row comes out: one it held when
+        the batch was read and let go of since (`reset`, `expunge`) is
+        read again then."""
         docs, without = _docs_apart(options, self._map.entries)
         rows = self._db.iterview(name, batch, **without)
         first = True
@@ -684,6 +687,7 @@ class Session(object):
         server sends the documents. With ``fields`` in the query it sends
         partial documents, which cannot be tracked: they are returned as
         python-couchdb returns them (one request; so with ``conflicts``).
+        Each document is the session's as it comes out (see `iterview`).
         """
         held = self._map.entries
         if held and 'fields' not in mango_query and \
